@@ -1,0 +1,38 @@
+# Two commands for a new user: `make demo` (the main job) and `make test`. Both set up first.
+SHELL := /bin/bash
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-stamp
+FASHION := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data test demo lint bench clean
+
+setup: $(STAMP)
+
+# Re-installs only when pyproject.toml changes; torch/torchvision come from this machine's disk.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || python3 -m venv $(VENV)
+	$(BIN)/pip install -q --disable-pip-version-check -e '.[dev]'
+	touch $(STAMP)
+
+# Fashion-MNIST, real data, from Debian's package (needs root; prints how otherwise).
+data:
+	@if [ -f $(FASHION)/train-images-idx3-ubyte.gz ]; then :; \
+	elif [ "$$(id -u)" = 0 ]; then \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist) >/dev/null; \
+	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi
+
+test: setup
+	$(BIN)/pytest
+
+demo: setup data
+	$(BIN)/ablate models
+	$(BIN)/ablate train model.base=C model.variant=all-cnn data.dataset=synthetic \
+	  model.width=0.25 train.epochs=2
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+clean:
+	rm -rf runs

@@ -1,0 +1,199 @@
+"""One training run from flat settings: the path `ablate train` and every sweep trial take."""
+
+from __future__ import annotations
+
+import math
+import os
+import re
+import subprocess
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import CSVLogger
+
+from ablations import settings as S
+from datamodules import AllConvDataModule
+from lightning_modules.family import count_macs, count_params
+from lightning_modules.module import AllConvModule, resolve_precision
+
+TRAIN_KEYS = ("lr", "lr_gamma", "momentum", "weight_decay", "epochs", "compile")
+
+
+class EpochRecorder(Callback):
+    """Times the training batches of each epoch (not validation) and keeps the curves.
+
+    It reads metrics once per epoch, so it adds one host sync per epoch, none per step.
+    """
+
+    def __init__(self) -> None:
+        self.train_seconds = 0.0
+        self.train_images = 0
+        self.history: list[dict[str, float]] = []
+        self._t0: float | None = None
+
+    def _sync(self, pl_module: L.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    def _stop_clock(self, trainer, pl_module) -> None:
+        if self._t0 is None:
+            return
+        self._sync(pl_module)
+        self.train_seconds += time.perf_counter() - self._t0
+        self._t0 = None
+        loader = trainer.train_dataloader
+        n = len(loader.x) if hasattr(loader, "x") else 0
+        self.train_images += n // max(1, getattr(loader, "world_size", 1))
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self._stop_clock(trainer, pl_module)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        self._stop_clock(trainer, pl_module)
+        row = {"epoch": trainer.current_epoch}
+        for k, v in trainer.callback_metrics.items():
+            if k.startswith(("train/", "val/")):
+                row[k] = float(v)
+        self.history.append(row)
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               capture_output=True, text=True, timeout=5,
+                               cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if out.returncode != 0:
+        return None
+    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
+
+
+def device_name(accelerator: str) -> str:
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"cpu: {line.split(':', 1)[1].strip()} x{torch.get_num_threads()}"
+    except OSError:
+        pass
+    return "cpu"
+
+
+def prepare(settings: dict[str, Any], download: bool = True
+            ) -> tuple[AllConvDataModule, AllConvModule, dict[str, Any]]:
+    """Load the data and build the module; every check that can fail happens here."""
+    data = {k.removeprefix("data."): v for k, v in settings.items() if k.startswith("data.")}
+    dm = AllConvDataModule(data, seed=settings["seed"], batch_size=settings["train.batch_size"],
+                           eval_batch_size=settings["train.eval_batch_size"], download=download)
+    dm.load()
+    spec = S.model_spec(settings, dm.in_channels, dm.in_size, dm.num_classes)
+    train = {k: settings[f"train.{k}"] for k in TRAIN_KEYS}
+    module = AllConvModule(model=asdict(spec), train=train)
+    return dm, module, S.flat_with_name(settings, spec)
+
+
+def run_name(settings: dict[str, Any]) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", settings["model.name"])
+
+
+def train(settings: dict[str, Any], run_dir: Path | None = None, *, loggers: list | None = None,
+          callbacks: list | None = None, progress: bool = True, devices: int | str = 1,
+          strategy: str = "auto", prepared: tuple | None = None) -> dict[str, Any]:
+    """Fit, test and report. `settings` are resolved (see settings.resolve)."""
+    L.seed_everything(settings["seed"], workers=False, verbose=False)
+    dm, module, flat = prepared or prepare(settings)
+    if run_dir is None:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        run_dir = Path("runs") / "train" / f"{stamp}-{run_name(flat)}"
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "settings.yaml").write_text(yaml.safe_dump(
+        {**flat, "data.files": dm.files}, sort_keys=False))
+
+    accelerator = settings["train.accelerator"]
+    use_cuda = accelerator in ("gpu", "auto") and torch.cuda.is_available()
+    precision = resolve_precision(settings["train.precision"], "cuda" if use_cuda else "cpu")
+    recorder = EpochRecorder()
+    trainer = L.Trainer(
+        max_epochs=settings["train.epochs"],
+        accelerator="gpu" if use_cuda else "cpu",
+        devices=devices,
+        strategy=strategy,
+        precision=precision,
+        logger=[CSVLogger(run_dir, name="", version="lightning"), *(loggers or [])],
+        callbacks=[recorder,
+                   ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last",
+                                   enable_version_counter=False),
+                   *(callbacks or [])],
+        default_root_dir=run_dir,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the device loader shards by rank itself
+        log_every_n_steps=50,
+        limit_val_batches=1.0 if len(dm.splits["val"][1]) else 0,
+        benchmark=use_cuda,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(module, datamodule=dm)
+    fit_seconds = time.perf_counter() - t0
+
+    metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+    state = "diverged" if module.diverged else "complete"
+    test_error = math.nan
+    if state == "complete":
+        tested = trainer.test(module, datamodule=dm, verbose=False)
+        test_error = float(tested[0]["test/error"]) if tested else math.nan
+    val_curve = [(h["epoch"], h["val/error"]) for h in recorder.history if "val/error" in h]
+    best = min(val_curve, key=lambda t: t[1]) if val_curve else (None, math.nan)
+    result = {
+        "state": state,
+        "val/error": val_curve[-1][1] if val_curve else math.nan,
+        "test/error": test_error,
+        "train/loss": metrics.get("train/loss", math.nan),
+        "val/loss": metrics.get("val/loss", math.nan),
+        "best_val/error": best[1],
+        "best_epoch": best[0],
+        "epochs_run": len(recorder.history),
+        "params": count_params(module.net),
+        "macs": count_macs(_eager(module).eval()),
+        "fit_seconds": round(fit_seconds, 3),
+        "images_per_second": round(recorder.train_images / recorder.train_seconds, 1)
+        if recorder.train_seconds else math.nan,
+        "device": device_name("gpu" if use_cuda else "cpu"),
+        "precision": precision,
+        "error_message": module.diverged,
+        "model.name": flat["model.name"],
+        "data.files": dm.files,
+        "run_dir": str(run_dir),
+        "git_commit": git_commit(),
+        "history": recorder.history,
+    }
+    (run_dir / "result.yaml").write_text(yaml.safe_dump(result, sort_keys=False))
+    return result
+
+
+def _eager(module: AllConvModule) -> torch.nn.Module:
+    return getattr(module.net, "_orig_mod", module.net)
+
+
+def set_threads(n: int | None) -> None:
+    """Pin torch (and BLAS) to n threads so parallel workers do not oversubscribe cores."""
+    if n:
+        torch.set_num_threads(n)
+        os.environ["OMP_NUM_THREADS"] = str(n)

@@ -1,0 +1,237 @@
+"""Raw datasets as uint8 NHWC arrays: CIFAR-10/100 pickles, Fashion-MNIST IDX, synthetic."""
+
+from __future__ import annotations
+
+import gzip
+import os
+import pickle
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+
+class DataError(ValueError):
+    """A dataset that is absent, malformed or asked for wrongly; the message says which."""
+
+
+@dataclass
+class RawData:
+    train_x: np.ndarray  # (N, H, W, C) uint8
+    train_y: np.ndarray  # (N,) int64
+    test_x: np.ndarray
+    test_y: np.ndarray
+    class_names: list[str]
+    files: list[str] = field(default_factory=list)  # what was read, for provenance
+
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")
+
+
+def _try_download(fetch: Callable[[], None]) -> str | None:
+    """Run a torchvision download; return why it failed, or None."""
+    if os.environ.get("ALLCONV_OFFLINE"):
+        return "ALLCONV_OFFLINE is set"
+    try:
+        fetch()
+    except Exception as err:  # no network, DNS, HTTP errors: all mean "not here"
+        return f"{type(err).__name__}: {err}"
+    return None
+
+
+# --- CIFAR ---------------------------------------------------------------------------------
+
+CIFAR = {
+    "cifar10": dict(folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
+                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
+                    meta="batches.meta", labels="labels", names="label_names"),
+    "cifar100": dict(folder="cifar-100-python", archive="cifar-100-python.tar.gz",
+                     train=["train"], test=["test"], meta="meta", labels="fine_labels",
+                     names="fine_label_names"),
+}
+
+
+def _unpickle(path: Path) -> dict:
+    try:
+        with open(path, "rb") as f:
+            obj = pickle.load(f, encoding="bytes")
+    except Exception as err:
+        raise DataError(f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err}); "
+                        "the archive may be truncated, unpack it again") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
+    return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
+
+
+def _cifar_batches(folder: Path, names: list[str], label_key: str) -> tuple[np.ndarray, ...]:
+    xs, ys = [], []
+    for name in names:
+        path = folder / name
+        batch = _unpickle(path)
+        if "data" not in batch or label_key not in batch:
+            raise DataError(f"{path}: missing 'data' or {label_key!r} (keys: {sorted(batch)})")
+        data = np.asarray(batch["data"], dtype=np.uint8)
+        labels = np.asarray(batch[label_key], dtype=np.int64)
+        if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
+            raise DataError(f"{path}: data has shape {data.shape} with {len(labels)} labels; "
+                            "expected (N, 3072) with N labels")
+        # each row: 1024 red, 1024 green, 1024 blue bytes, each plane row-major
+        xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+        ys.append(labels)
+    return np.concatenate(xs), np.concatenate(ys)
+
+
+def load_cifar(name: str, root: Path, download: bool = True) -> RawData:
+    info = CIFAR[name]
+    folder = root / info["folder"]
+    needed = [folder / f for f in (*info["train"], *info["test"], info["meta"])]
+    if not all(p.exists() for p in needed) and download:
+        import torchvision
+
+        cls = torchvision.datasets.CIFAR10 if name == "cifar10" else torchvision.datasets.CIFAR100
+        why = _try_download(lambda: cls(str(root), train=True, download=True))
+        if why is not None:
+            missing = [str(p) for p in needed if not p.exists()]
+            raise DataError(
+                f"{name} not found: looked for {', '.join(missing)}; the torchvision download "
+                f"failed ({why}). Get {info['archive']} from "
+                "https://www.cs.toronto.edu/~kriz/cifar.html and unpack it in "
+                f"{root} (giving {folder}/), or set data.dir to where it is"
+            )
+    for p in needed:
+        if not p.exists():
+            raise DataError(f"{name} incomplete: {p} is missing; unpack {info['archive']} "
+                            f"again into {root}")
+    train_x, train_y = _cifar_batches(folder, info["train"], info["labels"])
+    test_x, test_y = _cifar_batches(folder, info["test"], info["labels"])
+    meta = _unpickle(folder / info["meta"])
+    names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(info["names"], [])]
+    n_classes = int(max(train_y.max(), test_y.max())) + 1
+    if len(names) < n_classes:
+        raise DataError(f"{folder / info['meta']}: {len(names)} class names for "
+                        f"{n_classes} classes")
+    return RawData(train_x, train_y, test_x, test_y, names, [str(p) for p in needed])
+
+
+# --- Fashion-MNIST (IDX) -------------------------------------------------------------------
+
+FASHION_FILES = {
+    "train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte",
+}
+# The dataset ships no names; these are Zalando's, in label order.
+FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
+                   "Sneaker", "Bag", "Ankle boot"]
+
+
+def read_idx(path: Path) -> np.ndarray:
+    """An IDX file of unsigned bytes, gzipped or not."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError) as err:
+        raise DataError(f"{path}: cannot be read ({err}); the file may be truncated") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
+        raise DataError(f"{path}: bad magic number {raw[:4].hex() or '(empty)'}; expected "
+                        "0x0000080N (IDX, unsigned bytes)")
+    ndim = raw[3]
+    if ndim < 1 or len(raw) < 4 + 4 * ndim:
+        raise DataError(f"{path}: header too short for {ndim} dimensions")
+    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    expected = 4 + 4 * ndim + int(np.prod(shape))
+    if len(raw) != expected:
+        raise DataError(f"{path}: {len(raw)} bytes, but the header's shape {shape} needs "
+                        f"{expected}; the file is truncated or corrupt")
+    return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
+
+
+def _find_idx(folder: Path, stem: str) -> Path | None:
+    for name in (stem, stem + ".gz"):
+        if (folder / name).exists():
+            return folder / name
+    return None
+
+
+def fashion_mnist_dirs(root: Path) -> list[Path]:
+    return [root / "fashion-mnist", root / "FashionMNIST" / "raw", DEBIAN_FASHION_MNIST]
+
+
+def load_fashion_mnist(root: Path, download: bool = True) -> RawData:
+    def complete(folder: Path) -> dict[str, Path] | None:
+        found = {k: _find_idx(folder, stem) for k, stem in FASHION_FILES.items()}
+        return found if all(found.values()) else None
+
+    places = fashion_mnist_dirs(root)
+    found = next((f for f in map(complete, places) if f), None)
+    if found is None and download:
+        import torchvision
+
+        why = _try_download(
+            lambda: torchvision.datasets.FashionMNIST(str(root), train=True, download=True))
+        found = complete(root / "FashionMNIST" / "raw")
+        if found is None:
+            raise DataError(
+                "fashion-mnist not found: looked in " + ", ".join(map(str, places))
+                + f" for {', '.join(FASHION_FILES.values())} (.gz or not); the torchvision "
+                f"download failed ({why}). Install Debian's package: "
+                "apt-get install dataset-fashion-mnist, or put the four IDX files in "
+                f"{root / 'fashion-mnist'}"
+            )
+    if found is None:
+        raise DataError("fashion-mnist not found in " + ", ".join(map(str, places)))
+    arrays = {k: read_idx(p) for k, p in found.items()}
+    for split in ("train", "test"):
+        x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
+        if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
+            raise DataError(f"{found[split + '_x']}: images of shape {x.shape} do not match "
+                            f"{len(y)} labels in {found[split + '_y']}")
+    return RawData(arrays["train_x"][..., None], arrays["train_y"].astype(np.int64),
+                   arrays["test_x"][..., None], arrays["test_y"].astype(np.int64),
+                   list(FASHION_CLASSES), [str(p) for p in found.values()])
+
+
+# --- synthetic -----------------------------------------------------------------------------
+
+
+def make_synthetic(n_train: int = 8000, n_test: int = 1000, size: int = 32, channels: int = 3,
+                   classes: int = 10, seed: int = 1234, noise: float = 0.5) -> RawData:
+    """Each class is a grating with its own orientation, frequency and colour, at a random
+    phase, under pixel noise: learnable by a conv net in a few hundred steps, not by one pixel.
+
+    Deterministic for a given seed, any size, channel count and class count.
+    """
+    rng = np.random.default_rng(seed)
+    angle = np.pi * (np.arange(classes) % 5) / 5
+    freq = (2 + 2 * (np.arange(classes) // 5 % 2)) / size  # cycles per pixel: 2 or 4 per image
+    colour = rng.uniform(0.3, 1.0, size=(classes, channels))
+    tint = rng.uniform(-1.0, 1.0, size=(classes, channels))  # a weak cue a GAP net finds fast
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+
+    def draw(n: int) -> tuple[np.ndarray, np.ndarray]:
+        y = rng.integers(0, classes, size=n)
+        phase = rng.uniform(0, 2 * np.pi, size=(n, 1, 1))
+        t = xx * np.cos(angle[y])[:, None, None] + yy * np.sin(angle[y])[:, None, None]
+        wave = np.sin(2 * np.pi * freq[y][:, None, None] * t + phase)
+        x = wave[..., None] * colour[y][:, None, None, :] + tint[y][:, None, None, :]
+        x = x + rng.normal(scale=noise, size=x.shape)
+        img = np.clip(128 + 50 * x, 0, 255).astype(np.uint8)
+        return img, y.astype(np.int64)
+
+    train_x, train_y = draw(n_train)
+    test_x, test_y = draw(n_test)
+    return RawData(train_x, train_y, test_x, test_y, [f"class{i}" for i in range(classes)],
+                   [f"synthetic(seed={seed})"])
+
+
+def load_synthetic(root: Path, download: bool = True) -> RawData:
+    return make_synthetic()
+
+
+SOURCES: dict[str, Callable[[Path, bool], RawData]] = {
+    "cifar10": lambda root, dl=True: load_cifar("cifar10", root, dl),
+    "cifar100": lambda root, dl=True: load_cifar("cifar100", root, dl),
+    "fashion-mnist": load_fashion_mnist,
+    "synthetic": load_synthetic,
+}

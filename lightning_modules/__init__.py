@@ -1,0 +1,1 @@
+"""The All Convolutional Net family (torch only) and its LightningModule."""

@@ -1,0 +1,121 @@
+"""The LightningModule: build the net, compute the loss, log, configure the optimiser."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+import torch
+import torch.nn.functional as F
+from torchmetrics.classification import MulticlassAccuracy
+
+from lightning_modules.family import ModelSpec, build
+
+# train.precision -> Lightning precision ("auto" is resolved per device by resolve_precision)
+PRECISIONS: dict[str, str | None] = {
+    "auto": None,
+    "32": "32-true",
+    "bf16": "bf16-mixed",
+    "16": "16-mixed",
+}
+
+# How often (in steps) the training loss is checked for NaN/inf. Checking is a host sync;
+# on a GPU every sync stalls the queue, so we look every few steps and at epoch end.
+FINITE_CHECK_EVERY = {"cpu": 1, "cuda": 16}
+
+
+def cpu_has_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(setting: str, device: str) -> str:
+    """`auto`: bf16 mixed where the device computes bf16 natively, else 32-bit."""
+    if setting != "auto":
+        return PRECISIONS[setting]
+    if device == "cuda" and torch.cuda.is_available():
+        native = torch.cuda.get_device_capability()[0] >= 8
+    else:
+        native = device == "cpu" and cpu_has_bf16()
+    return "bf16-mixed" if native else "32-true"
+
+
+def milestones(epochs: int) -> list[int]:
+    """The paper's 200/250/300 of 350 epochs, scaled to `epochs`."""
+    return sorted({max(1, round(epochs * m / 350)) for m in (200, 250, 300)})
+
+
+class AllConvModule(L.LightningModule):
+    def __init__(self, model: dict[str, Any], train: dict[str, Any]) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.spec = ModelSpec(**model)
+        # channels-last: the layout oneDNN and cuDNN run convolutions fastest in (benchmarks/)
+        self.net = build(self.spec).to(memory_format=torch.channels_last)
+        if train.get("compile"):
+            self.net = torch.compile(self.net)
+        n = self.spec.num_classes
+        self.train_acc = MulticlassAccuracy(n, average="micro")
+        self.val_acc = MulticlassAccuracy(n, average="micro")
+        self.test_acc = MulticlassAccuracy(n, average="micro")
+        self.diverged: str | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], idx: int):
+        x, y = batch
+        logits = self(x)
+        loss = F.cross_entropy(logits.float(), y)
+        every = FINITE_CHECK_EVERY.get(loss.device.type, 16)
+        if idx % every == 0 and not torch.isfinite(loss):
+            return self._diverge(f"non-finite training loss ({loss.item()}) at epoch "
+                                 f"{self.current_epoch}, step {idx}")
+        self.train_acc.update(logits.detach(), y)
+        self.log("train/loss", loss.detach(), on_step=False, on_epoch=True)
+        return loss
+
+    def _diverge(self, reason: str) -> None:
+        self.diverged = reason
+        self.trainer.should_stop = True
+        return None  # Lightning skips the backward and the optimiser step
+
+    def on_train_epoch_end(self) -> None:
+        loss = self.trainer.callback_metrics.get("train/loss")
+        if self.diverged is None and loss is not None and not torch.isfinite(loss):
+            self._diverge(f"non-finite training loss at epoch {self.current_epoch}")
+        self.log("train/error", 100 * (1 - self.train_acc.compute()))
+        self.train_acc.reset()
+
+    def _eval_step(self, batch, prefix: str, acc: MulticlassAccuracy) -> None:
+        x, y = batch
+        logits = self(x).float()
+        acc.update(logits, y)
+        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True,
+                 sync_dist=True)
+
+    def validation_step(self, batch, idx: int) -> None:
+        self._eval_step(batch, "val", self.val_acc)
+
+    def on_validation_epoch_end(self) -> None:
+        self.log("val/error", 100 * (1 - self.val_acc.compute()))
+        self.val_acc.reset()
+
+    def test_step(self, batch, idx: int) -> None:
+        self._eval_step(batch, "test", self.test_acc)
+
+    def on_test_epoch_end(self) -> None:
+        self.log("test/error", 100 * (1 - self.test_acc.compute()))
+        self.test_acc.reset()
+
+    def configure_optimizers(self):
+        t = self.hparams.train
+        opt = torch.optim.SGD(self.parameters(), lr=t["lr"], momentum=t["momentum"],
+                              weight_decay=t["weight_decay"])
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(t["epochs"]),
+                                                     gamma=t["lr_gamma"])
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -1,0 +1,124 @@
+import csv
+from itertools import product
+from pathlib import Path
+
+import pytest
+import torch
+
+from lightning_modules import family as F
+
+SHAPES = [(3, 32, 10), (1, 28, 10), (3, 32, 100)]
+COMBOS = list(product(F.BASES, F.POOLINGS, F.STRIDED_CONVS, F.HEADS))
+TABLE3 = Path(__file__).resolve().parents[1] / "ablations" / "data" / "table3.csv"
+
+
+def is_valid(pooling, strided):
+    return not (pooling != "none" and strided == "fold")
+
+
+@pytest.mark.parametrize("base,pooling,strided,head", COMBOS)
+@pytest.mark.parametrize("channels,size,classes", SHAPES[:2])
+def test_every_combination_builds_runs_and_gets_gradients(
+        base, pooling, strided, head, channels, size, classes):
+    if not is_valid(pooling, strided):
+        pytest.skip("invalid by design; see test_fold_with_pooling_is_rejected")
+    spec = F.ModelSpec(base, pooling, strided, head, width=0.125, in_channels=channels,
+                       in_size=size, num_classes=classes)
+    net = F.build(spec)
+    out = net(torch.randn(2, channels, size, size))
+    assert out.shape == (2, classes)
+    out.square().sum().backward()
+    missing = [n for n, p in net.named_parameters() if p.grad is None or not p.grad.any()]
+    assert not missing
+
+
+def test_hundred_classes():
+    spec = F.ModelSpec(pooling="none", strided_conv="extra", width=0.125, num_classes=100)
+    assert F.build(spec)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+
+
+@pytest.mark.parametrize("pooling", [p for p in F.POOLINGS if p != "none"])
+def test_fold_with_pooling_is_rejected(pooling):
+    with pytest.raises(F.SpecError, match="halve the resolution twice per stage"):
+        F.ModelSpec(pooling=pooling, strided_conv="fold")
+
+
+def test_all_specs_lists_exactly_the_invalid_combinations():
+    valid, invalid = F.all_specs()
+    assert len(valid) + len(invalid) == len(COMBOS)
+    assert sorted((c["base"], c["pooling"], c["strided_conv"], c["head"]) for c, _ in invalid) \
+        == sorted(c for c in COMBOS if not is_valid(c[1], c[2]))
+
+
+@pytest.mark.parametrize("table,key", [(F.BASES, "base"), (F.POOLINGS, "pooling"),
+                                       (F.STRIDED_CONVS, "strided_conv"), (F.HEADS, "head"),
+                                       (F.NORMS, "norm"), (F.DROPOUTS, "dropout")])
+def test_unknown_slot_value_lists_valid_ones(table, key):
+    with pytest.raises(F.SpecError) as err:
+        F.ModelSpec(**{key: "nope"})
+    for name in table:
+        assert name in str(err.value)
+    assert f"model.{key}" in str(err.value)
+
+
+def test_paper_parameter_counts():
+    presets = F.paper_presets()
+    count = {name: F.count_params(F.build(spec)) for name, spec in presets.items()}
+    assert count["Model C"] == 954_730
+    assert count["All-CNN-C"] == 1_369_738
+    assert count["ConvPool-CNN-C"] == count["All-CNN-C"]
+    assert count["Strided-CNN-C"] == count["Model C"]
+
+
+def test_presets_carry_table3_names():
+    with open(TABLE3) as f:
+        rows = list(csv.DictReader(f))
+    presets = F.paper_presets()
+    assert sorted(presets) == sorted(r["name"] for r in rows)
+    for r in rows:
+        spec = presets[r["name"]]
+        assert (spec.base, spec.variant) == (r["base"], r["variant"])
+
+
+def test_descriptive_name_for_non_paper_combination():
+    assert F.ModelSpec(pooling="avg", strided_conv="extra", head="fc").name == "C/avg/extra/fc"
+
+
+def test_variant_shorthand_and_clash():
+    spec = F.spec_from_settings({"model.variant": "all-cnn"})
+    assert (spec.pooling, spec.strided_conv, spec.name) == ("none", "extra", "All-CNN-C")
+    with pytest.raises(F.SpecError, match="do not also set model.pooling"):
+        F.spec_from_settings({"model.variant": "all-cnn", "model.pooling": "max"})
+
+
+def test_input_too_small_gives_the_sizes():
+    with pytest.raises(F.SpecError, match=r"8x8 is too small: feature maps go 8 -> 4 -> 2"):
+        F.ModelSpec(in_size=8)
+
+
+def test_feature_sizes_and_macs():
+    spec = F.ModelSpec(in_channels=1, in_size=28)
+    assert spec.feature_sizes() == [28, 14, 7, 5]
+    # Model C's first conv alone: 32*32 positions x 96 filters x 27 weights
+    assert F.count_macs(F.build(F.ModelSpec())) > 32 * 32 * 96 * 27
+
+
+def test_batch_norm_and_width():
+    spec = F.ModelSpec(norm="batch", width=0.5)
+    net = F.build(spec)
+    assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
+    assert spec.channels() == (48, 96, 96)
+
+
+@pytest.mark.parametrize("name", list(F.paper_presets()))
+def test_he_init_keeps_activations_near_unit_scale(name):
+    # the property that lets the paper models train without normalisation layers
+    net = F.build(F.paper_presets()[name]).eval()
+    rms = []
+    x = torch.randn(8, 3, 32, 32)
+    for block in net.modules():
+        if isinstance(block, torch.nn.ReLU):
+            block.register_forward_hook(lambda m, i, o: rms.append(o.pow(2).mean().sqrt()))
+    with torch.no_grad():
+        net(x)
+    assert all(0.3 < r < 3 for r in rms), rms

@@ -1,0 +1,77 @@
+import json
+
+import pytest
+
+from ablations import settings as S
+from ablations.cli import main
+from tests.conftest import tree
+
+
+def run_cli(capsys, *argv):
+    code = main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_unknown_key_suggests_the_closest(capsys, in_tmp):
+    code, _, err = run_cli(capsys, "train", "model.pooling=max", "trian.lr=0.1")
+    assert code == 2
+    assert "unknown setting 'trian.lr'" in err and "did you mean 'train.lr'" in err
+    assert tree(in_tmp) == []
+
+
+@pytest.mark.parametrize("item,message", [
+    ("model.head", "is not a key=value setting"),
+    ("train.epochs=two", "wrong type: expected int"),
+    ("train.lr=fast", "wrong type: expected float"),
+    ("model.width=-1", "must be positive"),
+    ("model.head=mlp", "valid values: gap, fc"),
+    ("model.pooling=maxx", "valid values: max, avg, none"),
+    ("data.dataset=mnist", "valid values: cifar10, cifar100, fashion-mnist, synthetic"),
+])
+def test_bad_settings_exit_2_and_write_nothing(capsys, in_tmp, item, message):
+    code, out, err = run_cli(capsys, "train", "data.dataset=synthetic", item)
+    assert code == 2
+    assert message in err
+    assert err.count("\n") == 1  # one message
+    assert tree(in_tmp) == []
+
+
+def test_fold_with_pooling_on_the_command_line(capsys, in_tmp):
+    code, _, err = run_cli(capsys, "train", "model.pooling=avg", "model.strided_conv=fold")
+    assert code == 2 and "halved" not in err and "halve the resolution twice" in err
+    assert tree(in_tmp) == []
+
+
+def test_variant_with_a_slot_it_sets(capsys, in_tmp):
+    code, _, err = run_cli(capsys, "train", "model.variant=strided", "model.strided_conv=fold")
+    assert code == 2 and "do not also set model.strided_conv" in err
+    assert tree(in_tmp) == []
+
+
+def test_parse_types():
+    got = S.parse_assignments(["train.lr=0.1", "train.epochs=3", "train.compile=true",
+                               "data.subset=none", "data.val_size=auto", "model.pooling=none"])
+    assert got == {"train.lr": 0.1, "train.epochs": 3, "train.compile": True,
+                   "data.subset": None, "data.val_size": "auto", "model.pooling": "none"}
+
+
+def test_models_lists_the_paper_models(capsys):
+    code, out, _ = run_cli(capsys, "models", "--format", "json")
+    rows = {r["model.name"]: r for r in json.loads(out)}
+    assert code == 0 and len(rows) == 12
+    assert rows["Model C"]["params"] == 954_730
+    assert rows["All-CNN-C"]["params"] == 1_369_738
+    assert rows["All-CNN-C"]["feature_maps"] == "32x32 -> 16x16 -> 8x8 -> 6x6"
+
+
+def test_models_all_and_other_inputs(capsys):
+    code, out, _ = run_cli(capsys, "models", "--all", "--input", "28x28x1", "--format", "csv")
+    lines = out.strip().splitlines()
+    assert code == 0 and lines[0].startswith("model.name,")
+    assert len(lines) - 1 == 3 * (3 * 3 - 2) * 2  # bases x valid (pooling, strided) x heads
+
+
+def test_models_bad_input(capsys):
+    code, _, err = run_cli(capsys, "models", "--input", "32by32")
+    assert code == 2 and "must look like 32x32x3" in err

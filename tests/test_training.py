@@ -1,0 +1,63 @@
+import math
+
+import pytest
+import torch
+
+from ablations import run
+from ablations import settings as S
+from lightning_modules.module import AllConvModule, milestones
+
+TINY = {"data.dataset": "synthetic", "model.width": 0.25, "model.variant": "all-cnn",
+        "train.epochs": 2}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    settings = S.resolve(TINY)
+    return run.train(settings, path / "run", progress=False), path / "run"
+
+
+def test_short_synthetic_run_learns(trained):
+    result, _ = trained
+    assert result["state"] == "complete"
+    assert result["test/error"] < 60, result  # chance is 90%
+    assert result["epochs_run"] == 2 and result["images_per_second"] > 0
+    assert result["params"] > 0 and result["fit_seconds"] > 0
+
+
+def test_checkpoint_reloads_alone_with_identical_predictions(trained):
+    result, path = trained
+    ckpt = path / "checkpoints" / "last.ckpt"
+    a = AllConvModule.load_from_checkpoint(ckpt).eval()
+    b = AllConvModule.load_from_checkpoint(ckpt).eval()
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(a(x), b(x))
+    saved = torch.load(ckpt, weights_only=False)["state_dict"]
+    assert all(torch.equal(saved[k], v) for k, v in a.state_dict().items())
+    assert (path / "settings.yaml").exists()
+
+
+@pytest.mark.parametrize("epochs,expected", [(350, [200, 250, 300]), (35, [20, 25, 30]),
+                                             (7, [4, 5, 6]), (1, [1])])
+def test_milestones_scale_with_epochs(epochs, expected):
+    assert milestones(epochs) == expected
+
+
+def test_optimizer_follows_the_settings():
+    module = AllConvModule(model={"width": 0.125}, train={
+        "lr": 0.1, "lr_gamma": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "epochs": 35,
+        "compile": False})
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-3
+    assert sorted(sched.milestones) == [20, 25, 30]
+
+
+def test_non_finite_loss_ends_the_run_as_diverged(tmp_path):
+    settings = S.resolve({**TINY, "train.lr": 1e12, "model.dropout": "none"})
+    result = run.train(settings, tmp_path / "run", progress=False)
+    assert result["state"] == "diverged"
+    assert "non-finite" in result["error_message"]
+    assert math.isnan(result["test/error"])
