@@ -54,7 +54,9 @@ def parse_input(text: str) -> tuple[int, int, int]:
     try:
         h, w, c = (int(p) for p in text.lower().split("x"))
     except ValueError:
-        raise UsageError(f"--input {text!r} must look like 32x32x3 (height x width x channels)")
+        raise UsageError(
+            f"--input {text!r} must look like 32x32x3 (height x width x channels)"
+        ) from None
     if h != w or min(h, c) < 1:
         raise UsageError(f"--input {text!r}: only square images with at least one channel")
     return h, w, c
@@ -80,13 +82,28 @@ def cmd_models(args: argparse.Namespace) -> int:
         print(pd.DataFrame(rows).to_csv(index=False), end="")
     else:
         table = Table(title=f"All-CNN family at {args.input}, {args.classes} classes")
-        for col in ("model.name", "model.base", "model.pooling", "model.strided_conv",
-                    "model.head", "params", "MMACs", "feature maps"):
+        for col in (
+            "model.name",
+            "model.base",
+            "model.pooling",
+            "model.strided_conv",
+            "model.head",
+            "params",
+            "MMACs",
+            "feature maps",
+        ):
             table.add_column(col, justify="right" if col in ("params", "MMACs") else "left")
         for r in rows:
-            table.add_row(r["model.name"], r["model.base"], r["model.pooling"],
-                          r["model.strided_conv"], r["model.head"], f"{r['params']:,}",
-                          f"{r['macs'] / 1e6:,.1f}", r["feature_maps"])
+            table.add_row(
+                r["model.name"],
+                r["model.base"],
+                r["model.pooling"],
+                r["model.strided_conv"],
+                r["model.head"],
+                f"{r['params']:,}",
+                f"{r['macs'] / 1e6:,.1f}",
+                r["feature_maps"],
+            )
         console = Console(width=160)
         console.print(table)
         for combo, why in invalid:
@@ -104,9 +121,22 @@ def cmd_train(args: argparse.Namespace) -> int:
     settings = S.resolve(S.parse_assignments(args.settings))
     prepared = run.prepare(settings)  # data and model checks, before anything is written
     result = run.train(settings, prepared=prepared, progress=not args.quiet)
-    keys = ("state", "model.name", "val/error", "test/error", "params", "macs", "epochs_run",
-            "fit_seconds", "images_per_second", "precision", "device", "data.files", "run_dir",
-            "error_message")
+    keys = (
+        "state",
+        "model.name",
+        "val/error",
+        "test/error",
+        "params",
+        "macs",
+        "epochs_run",
+        "fit_seconds",
+        "images_per_second",
+        "precision",
+        "device",
+        "data.files",
+        "run_dir",
+        "error_message",
+    )
     print(json.dumps({k: _clean(result[k]) for k in keys}, default=_json_default))
     return 0
 
@@ -116,8 +146,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="ablate", description="All Convolutional Net ablations: models, runs, sweeps, "
-        "tables.")
+        prog="ablate", description="All Convolutional Net ablations: models, runs, sweeps, tables."
+    )
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("models", help="the model family with params, MACs, feature maps")
@@ -127,15 +157,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--format", choices=("table", "csv", "json"), default="table")
     p.set_defaults(func=cmd_models)
 
-    p = sub.add_parser("train", help="one run from key=value settings",
-                       description="One run. Settings are dotted keys, e.g. model.base=C "
-                       "model.variant=all-cnn data.dataset=synthetic train.epochs=2. "
-                       "Keys: " + ", ".join(_setting_keys()))
+    p = sub.add_parser(
+        "train",
+        help="one run from key=value settings",
+        description="One run. Settings are dotted keys, e.g. model.base=C "
+        "model.variant=all-cnn data.dataset=synthetic train.epochs=2. "
+        "Keys: " + ", ".join(_setting_keys()),
+    )
     p.add_argument("settings", nargs="*", metavar="key=value")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    for name, register in _more_commands():
+    for _name, register in _more_commands():
         register(sub)
     return parser
 

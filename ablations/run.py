@@ -70,11 +70,20 @@ class EpochRecorder(Callback):
 
 def git_commit() -> str | None:
     try:
-        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
-                             cwd=Path(__file__).resolve().parent, timeout=5)
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True, timeout=5,
-                               cwd=Path(__file__).resolve().parent)
+        out = subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        )
+        dirty = subprocess.run(
+            ["git", "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            cwd=Path(__file__).resolve().parent,
+        )
     except (OSError, subprocess.SubprocessError):
         return None
     if out.returncode != 0:
@@ -95,12 +104,18 @@ def device_name(accelerator: str) -> str:
     return "cpu"
 
 
-def prepare(settings: dict[str, Any], download: bool = True
-            ) -> tuple[AllConvDataModule, AllConvModule, dict[str, Any]]:
+def prepare(
+    settings: dict[str, Any], download: bool = True
+) -> tuple[AllConvDataModule, AllConvModule, dict[str, Any]]:
     """Load the data and build the module; every check that can fail happens here."""
     data = {k.removeprefix("data."): v for k, v in settings.items() if k.startswith("data.")}
-    dm = AllConvDataModule(data, seed=settings["seed"], batch_size=settings["train.batch_size"],
-                           eval_batch_size=settings["train.eval_batch_size"], download=download)
+    dm = AllConvDataModule(
+        data,
+        seed=settings["seed"],
+        batch_size=settings["train.batch_size"],
+        eval_batch_size=settings["train.eval_batch_size"],
+        download=download,
+    )
     dm.load()
     spec = S.model_spec(settings, dm.in_channels, dm.in_size, dm.num_classes)
     train = {k: settings[f"train.{k}"] for k in TRAIN_KEYS}
@@ -112,9 +127,17 @@ def run_name(settings: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", settings["model.name"])
 
 
-def train(settings: dict[str, Any], run_dir: Path | None = None, *, loggers: list | None = None,
-          callbacks: list | None = None, progress: bool = True, devices: int | str = 1,
-          strategy: str = "auto", prepared: tuple | None = None) -> dict[str, Any]:
+def train(
+    settings: dict[str, Any],
+    run_dir: Path | None = None,
+    *,
+    loggers: list | None = None,
+    callbacks: list | None = None,
+    progress: bool = True,
+    devices: int | str = 1,
+    strategy: str = "auto",
+    prepared: tuple | None = None,
+) -> dict[str, Any]:
     """Fit, test and report. `settings` are resolved (see settings.resolve)."""
     L.seed_everything(settings["seed"], workers=False, verbose=False)
     dm, module, flat = prepared or prepare(settings)
@@ -122,8 +145,9 @@ def train(settings: dict[str, Any], run_dir: Path | None = None, *, loggers: lis
         stamp = time.strftime("%Y%m%d-%H%M%S")
         run_dir = Path("runs") / "train" / f"{stamp}-{run_name(flat)}"
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "settings.yaml").write_text(yaml.safe_dump(
-        {**flat, "data.files": dm.files}, sort_keys=False))
+    (run_dir / "settings.yaml").write_text(
+        yaml.safe_dump({**flat, "data.files": dm.files}, sort_keys=False)
+    )
 
     accelerator = settings["train.accelerator"]
     use_cuda = accelerator in ("gpu", "auto") and torch.cuda.is_available()
@@ -136,10 +160,13 @@ def train(settings: dict[str, Any], run_dir: Path | None = None, *, loggers: lis
         strategy=strategy,
         precision=precision,
         logger=[CSVLogger(run_dir, name="", version="lightning"), *(loggers or [])],
-        callbacks=[recorder,
-                   ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last",
-                                   enable_version_counter=False),
-                   *(callbacks or [])],
+        callbacks=[
+            recorder,
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
+            ),
+            *(callbacks or []),
+        ],
         default_root_dir=run_dir,
         enable_progress_bar=progress,
         enable_model_summary=False,
@@ -174,7 +201,8 @@ def train(settings: dict[str, Any], run_dir: Path | None = None, *, loggers: lis
         "macs": count_macs(_eager(module).eval()),
         "fit_seconds": round(fit_seconds, 3),
         "images_per_second": round(recorder.train_images / recorder.train_seconds, 1)
-        if recorder.train_seconds else math.nan,
+        if recorder.train_seconds
+        else math.nan,
         "device": device_name("gpu" if use_cuda else "cpu"),
         "precision": precision,
         "error_message": module.diverged,

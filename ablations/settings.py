@@ -31,23 +31,40 @@ def _names(table: dict) -> tuple[str, ...]:
 
 SCHEMA: dict[str, Setting] = {
     "model.base": Setting("C", "str", _names(family.BASES), "paper Table 1 stage layout"),
-    "model.variant": Setting(None, "str|none", _names(family.VARIANTS),
-                             "shorthand for a paper (pooling, strided_conv) pair"),
-    "model.pooling": Setting(None, "str|none", _names(family.POOLINGS),
-                             "3x3/stride-2 pooling at the downsampling points (default max)"),
-    "model.strided_conv": Setting(None, "str|none", _names(family.STRIDED_CONVS),
-                                  "none, fold (Strided-CNN) or extra (All-CNN/ConvPool)"),
+    "model.variant": Setting(
+        None,
+        "str|none",
+        _names(family.VARIANTS),
+        "shorthand for a paper (pooling, strided_conv) pair",
+    ),
+    "model.pooling": Setting(
+        None,
+        "str|none",
+        _names(family.POOLINGS),
+        "3x3/stride-2 pooling at the downsampling points (default max)",
+    ),
+    "model.strided_conv": Setting(
+        None,
+        "str|none",
+        _names(family.STRIDED_CONVS),
+        "none, fold (Strided-CNN) or extra (All-CNN/ConvPool)",
+    ),
     "model.head": Setting("gap", "str", _names(family.HEADS), "classifier head"),
     "model.width": Setting(1.0, "float", None, "channel multiplier"),
     "model.norm": Setting("none", "str", _names(family.NORMS), "normalisation after convs"),
-    "model.dropout": Setting("paper", "str", _names(family.DROPOUTS),
-                             "paper: 20% on the input, 50% after each downsampling point"),
+    "model.dropout": Setting(
+        "paper",
+        "str",
+        _names(family.DROPOUTS),
+        "paper: 20% on the input, 50% after each downsampling point",
+    ),
     "data.dataset": Setting("cifar10", "str", _names(DATASETS), "dataset"),
     "data.dir": Setting("~/.cache/allconv/data", "str", None, "where datasets live"),
     "data.preprocess": Setting("gcn-zca", "str", _names(PREPROCESSING), "preprocessing"),
     "data.augment": Setting("none", "str", _names(AUGMENTATIONS), "on-device augmentation"),
-    "data.val_size": Setting("auto", "int|auto", None,
-                             "held-out training images (auto: 10%, at most 5000)"),
+    "data.val_size": Setting(
+        "auto", "int|auto", None, "held-out training images (auto: 10%, at most 5000)"
+    ),
     "data.subset": Setting(None, "int|none", None, "cap on the training images"),
     "train.lr": Setting(0.01, "float", None, "SGD learning rate (paper grid: 0.25 0.1 0.05 0.01)"),
     "train.lr_gamma": Setting(0.1, "float", None, "lr factor at 200, 250, 300 of 350 epochs"),
@@ -56,8 +73,12 @@ SCHEMA: dict[str, Setting] = {
     "train.epochs": Setting(350, "int", None, "epochs"),
     "train.batch_size": Setting(128, "int", None, "training batch size"),
     "train.eval_batch_size": Setting(1024, "int", None, "evaluation batch size (no gradients)"),
-    "train.precision": Setting("auto", "str", _names(PRECISIONS),
-                               "auto: bf16 mixed where the device computes bf16 natively"),
+    "train.precision": Setting(
+        "auto",
+        "str",
+        _names(PRECISIONS),
+        "auto: bf16 mixed where the device computes bf16 natively",
+    ),
     "train.compile": Setting(False, "bool", None, "torch.compile the network"),
     "train.accelerator": Setting("auto", "str", ("auto", "cpu", "gpu"), "Lightning accelerator"),
     "seed": Setting(0, "int", None, "seeds data split, init, order and augmentation"),
@@ -78,8 +99,9 @@ def suggest(key: str, valid: list[str] | tuple[str, ...]) -> str:
 
 def check_key(key: str) -> Setting:
     if key not in SCHEMA:
-        raise SettingsError(f"unknown setting {key!r}{suggest(key, list(SCHEMA))} "
-                            f"(valid keys: {', '.join(SCHEMA)})")
+        raise SettingsError(
+            f"unknown setting {key!r}{suggest(key, list(SCHEMA))} (valid keys: {', '.join(SCHEMA)})"
+        )
     return SCHEMA[key]
 
 
@@ -115,8 +137,9 @@ def coerce(key: str, value: Any) -> Any:
     if want == "float":
         value = float(value)
     if setting.choices is not None and value not in setting.choices:
-        raise SettingsError(f"{key}={value!r} is not one of the valid values: "
-                            f"{', '.join(setting.choices)}")
+        raise SettingsError(
+            f"{key}={value!r} is not one of the valid values: {', '.join(setting.choices)}"
+        )
     return value
 
 
@@ -146,8 +169,9 @@ def resolve(overrides: dict[str, Any]) -> dict[str, Any]:
     return settings
 
 
-def model_spec(settings: dict[str, Any], in_channels: int = 3, in_size: int = 32,
-               num_classes: int = 10) -> family.ModelSpec:
+def model_spec(
+    settings: dict[str, Any], in_channels: int = 3, in_size: int = 32, num_classes: int = 10
+) -> family.ModelSpec:
     return family.spec_from_settings(settings, in_channels, in_size, num_classes)
 
 

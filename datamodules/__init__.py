@@ -6,7 +6,15 @@ from datamodules.preprocess import PREPROCESSING
 from datamodules.sources import DataError, RawData, make_synthetic
 
 __all__ = [
-    "AUGMENTATIONS", "DATASETS", "PREPROCESSING", "AllConvDataModule", "DataError",
-    "DeviceLoader", "RawData", "flip_translate", "make_synthetic", "split_sizes",
+    "AUGMENTATIONS",
+    "DATASETS",
+    "PREPROCESSING",
+    "AllConvDataModule",
+    "DataError",
+    "DeviceLoader",
+    "RawData",
+    "flip_translate",
+    "make_synthetic",
+    "split_sizes",
     "stratified_take",
 ]

@@ -47,20 +47,30 @@ def split_sizes(n_train: int, val_size: int | str, subset: int | None) -> tuple[
     else:
         val = int(val_size)
     if val < 0 or val >= n_train:
-        raise DataError(f"data.val_size={val_size} must be between 0 and {n_train - 1} "
-                        f"(the training set has {n_train} images)")
+        raise DataError(
+            f"data.val_size={val_size} must be between 0 and {n_train - 1} "
+            f"(the training set has {n_train} images)"
+        )
     left = n_train - val
     if subset is not None and subset > left:
-        raise DataError(f"data.subset={subset} is larger than the {left} training images "
-                        f"left after data.val_size={val}")
+        raise DataError(
+            f"data.subset={subset} is larger than the {left} training images "
+            f"left after data.val_size={val}"
+        )
     return val, subset if subset is not None else left
 
 
 class AllConvDataModule(L.LightningDataModule):
     """Chosen by `data.dataset`; `load()` runs on the CPU, `setup()` moves to the device."""
 
-    def __init__(self, data: dict[str, Any], seed: int = 0, batch_size: int = 128,
-                 eval_batch_size: int = 1024, download: bool = True) -> None:
+    def __init__(
+        self,
+        data: dict[str, Any],
+        seed: int = 0,
+        batch_size: int = 128,
+        eval_batch_size: int = 1024,
+        download: bool = True,
+    ) -> None:
         super().__init__()
         self.data = dict(data)
         self.seed = seed
@@ -89,9 +99,16 @@ class AllConvDataModule(L.LightningDataModule):
             train_idx = train_idx[keep]
         train_x = torch.from_numpy(np.ascontiguousarray(raw.train_x[train_idx]))
         name = self.data["preprocess"]
-        key = cache_key(dataset=self.data["dataset"], files=raw.files, n=len(raw.train_y),
-                        val=n_val, subset=n_sub, seed=self.seed, preprocess=name,
-                        shape=list(raw.train_x.shape))
+        key = cache_key(
+            dataset=self.data["dataset"],
+            files=raw.files,
+            n=len(raw.train_y),
+            val=n_val,
+            subset=n_sub,
+            seed=self.seed,
+            preprocess=name,
+            shape=list(raw.train_x.shape),
+        )
         self.stats, self.stats_source = fitted_stats(name, train_x, self.root / "cache", key)
         apply = PREPROCESSING[name][1]
 
@@ -107,8 +124,9 @@ class AllConvDataModule(L.LightningDataModule):
         }
         _, h, w, c = raw.train_x.shape
         if h != w:
-            raise DataError(f"{self.data['dataset']}: images are {h}x{w}; only square ones "
-                            "are supported")
+            raise DataError(
+                f"{self.data['dataset']}: images are {h}x{w}; only square ones are supported"
+            )
         self.in_channels, self.in_size = c, h
         self.num_classes = len(raw.class_names)
         self.class_names = raw.class_names
@@ -121,18 +139,26 @@ class AllConvDataModule(L.LightningDataModule):
             self.device = trainer.strategy.root_device
             self.rank, self.world_size = trainer.global_rank, trainer.world_size
         if self.splits["train"][0].device != self.device:
-            self.splits = {k: (x.to(self.device), y.to(self.device))
-                           for k, (x, y) in self.splits.items()}
+            self.splits = {
+                k: (x.to(self.device), y.to(self.device)) for k, (x, y) in self.splits.items()
+            }
 
     def train_dataloader(self) -> DeviceLoader:
         x, y = self.splits["train"]
-        return DeviceLoader(x, y, self.batch_size, shuffle=True, augment=self.data["augment"],
-                            seed=self.seed, rank=self.rank, world_size=self.world_size)
+        return DeviceLoader(
+            x,
+            y,
+            self.batch_size,
+            shuffle=True,
+            augment=self.data["augment"],
+            seed=self.seed,
+            rank=self.rank,
+            world_size=self.world_size,
+        )
 
     def _eval_loader(self, split: str) -> DeviceLoader:
         x, y = self.splits[split]
-        return DeviceLoader(x, y, self.eval_batch_size, rank=self.rank,
-                            world_size=self.world_size)
+        return DeviceLoader(x, y, self.eval_batch_size, rank=self.rank, world_size=self.world_size)
 
     def val_dataloader(self) -> DeviceLoader:
         return self._eval_loader("val")

@@ -39,9 +39,19 @@ AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 class DeviceLoader:
     """Iterates (images, labels) batches of tensors that already live on the device."""
 
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, batch_size: int, *,
-                 shuffle: bool = False, augment: str = "none", seed: int = 0,
-                 rank: int = 0, world_size: int = 1, channels_last: bool = True) -> None:
+    def __init__(
+        self,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        batch_size: int,
+        *,
+        shuffle: bool = False,
+        augment: str = "none",
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+        channels_last: bool = True,
+    ) -> None:
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -68,7 +78,7 @@ class DeviceLoader:
         else:
             order = torch.arange(n, device=dev)
         if self.world_size > 1:
-            order = order[: self._per_rank() * self.world_size][self.rank:: self.world_size]
+            order = order[: self._per_rank() * self.world_size][self.rank :: self.world_size]
         return order
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
@@ -80,7 +90,7 @@ class DeviceLoader:
             gen = torch.Generator(device=self.x.device)
             gen.manual_seed(self.seed * 100_003 + epoch + 7919 * (self.rank + 1))
         for start in range(0, len(order), self.batch_size):
-            idx = order[start: start + self.batch_size]
+            idx = order[start : start + self.batch_size]
             xb, yb = self.x[idx], self.y[idx]
             if gen is not None:
                 xb = self.augment(xb, gen)

@@ -9,7 +9,6 @@ import tempfile
 from collections.abc import Callable
 from pathlib import Path
 
-import numpy as np
 import torch
 
 GCN_SCALE = 55.0  # the paper's (pylearn2's) global contrast normalisation scale
@@ -38,8 +37,8 @@ def apply_gcn_zca(x: torch.Tensor, stats: dict[str, torch.Tensor]) -> torch.Tens
     n, h, w, c = x.shape
     out = torch.empty(n, h * w * c)
     for i in range(0, n, 8192):  # chunks keep the float64 peak small on 50k CIFAR images
-        chunk = gcn(x[i: i + 8192].reshape(-1, h * w * c).float())
-        out[i: i + 8192] = (chunk - stats["mean"]) @ stats["whiten"]
+        chunk = gcn(x[i : i + 8192].reshape(-1, h * w * c).float())
+        out[i : i + 8192] = (chunk - stats["mean"]) @ stats["whiten"]
     return out.reshape(n, h, w, c)
 
 
@@ -63,16 +62,23 @@ def cache_key(**parts: object) -> str:
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
-def fitted_stats(name: str, train_x: torch.Tensor, cache_dir: Path | None, key: str,
-                 ) -> tuple[dict[str, torch.Tensor], str]:
+def fitted_stats(
+    name: str,
+    train_x: torch.Tensor,
+    cache_dir: Path | None,
+    key: str,
+) -> tuple[dict[str, torch.Tensor], str]:
     """Fit `name` on the training images, or load it from the cache; returns (stats, source)."""
     fit, _ = PREPROCESSING[name]
     path = cache_dir / f"{name}-{key}.pt" if cache_dir is not None else None
     if path is not None and path.exists():
         try:
             stats = torch.load(path, weights_only=True)
-            if isinstance(stats, dict) and all(isinstance(v, torch.Tensor)
-                                               for v in stats.values()) and stats:
+            if (
+                isinstance(stats, dict)
+                and all(isinstance(v, torch.Tensor) for v in stats.values())
+                and stats
+            ):
                 return stats, f"cache {path}"
         except Exception:
             pass  # corrupt or from another version: refit below, never trust it

@@ -43,12 +43,24 @@ def _try_download(fetch: Callable[[], None]) -> str | None:
 # --- CIFAR ---------------------------------------------------------------------------------
 
 CIFAR = {
-    "cifar10": dict(folder="cifar-10-batches-py", archive="cifar-10-python.tar.gz",
-                    train=[f"data_batch_{i}" for i in range(1, 6)], test=["test_batch"],
-                    meta="batches.meta", labels="labels", names="label_names"),
-    "cifar100": dict(folder="cifar-100-python", archive="cifar-100-python.tar.gz",
-                     train=["train"], test=["test"], meta="meta", labels="fine_labels",
-                     names="fine_label_names"),
+    "cifar10": dict(
+        folder="cifar-10-batches-py",
+        archive="cifar-10-python.tar.gz",
+        train=[f"data_batch_{i}" for i in range(1, 6)],
+        test=["test_batch"],
+        meta="batches.meta",
+        labels="labels",
+        names="label_names",
+    ),
+    "cifar100": dict(
+        folder="cifar-100-python",
+        archive="cifar-100-python.tar.gz",
+        train=["train"],
+        test=["test"],
+        meta="meta",
+        labels="fine_labels",
+        names="fine_label_names",
+    ),
 }
 
 
@@ -57,8 +69,10 @@ def _unpickle(path: Path) -> dict:
         with open(path, "rb") as f:
             obj = pickle.load(f, encoding="bytes")
     except Exception as err:
-        raise DataError(f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err}); "
-                        "the archive may be truncated, unpack it again") from None
+        raise DataError(
+            f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err}); "
+            "the archive may be truncated, unpack it again"
+        ) from None
     if not isinstance(obj, dict):
         raise DataError(f"{path}: expected a pickled dict, found {type(obj).__name__}")
     return {k.decode() if isinstance(k, bytes) else k: v for k, v in obj.items()}
@@ -74,8 +88,10 @@ def _cifar_batches(folder: Path, names: list[str], label_key: str) -> tuple[np.n
         data = np.asarray(batch["data"], dtype=np.uint8)
         labels = np.asarray(batch[label_key], dtype=np.int64)
         if data.ndim != 2 or data.shape[1] != 3072 or len(labels) != len(data):
-            raise DataError(f"{path}: data has shape {data.shape} with {len(labels)} labels; "
-                            "expected (N, 3072) with N labels")
+            raise DataError(
+                f"{path}: data has shape {data.shape} with {len(labels)} labels; "
+                "expected (N, 3072) with N labels"
+            )
         # each row: 1024 red, 1024 green, 1024 blue bytes, each plane row-major
         xs.append(data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
         ys.append(labels)
@@ -101,28 +117,42 @@ def load_cifar(name: str, root: Path, download: bool = True) -> RawData:
             )
     for p in needed:
         if not p.exists():
-            raise DataError(f"{name} incomplete: {p} is missing; unpack {info['archive']} "
-                            f"again into {root}")
+            raise DataError(
+                f"{name} incomplete: {p} is missing; unpack {info['archive']} again into {root}"
+            )
     train_x, train_y = _cifar_batches(folder, info["train"], info["labels"])
     test_x, test_y = _cifar_batches(folder, info["test"], info["labels"])
     meta = _unpickle(folder / info["meta"])
     names = [n.decode() if isinstance(n, bytes) else str(n) for n in meta.get(info["names"], [])]
     n_classes = int(max(train_y.max(), test_y.max())) + 1
     if len(names) < n_classes:
-        raise DataError(f"{folder / info['meta']}: {len(names)} class names for "
-                        f"{n_classes} classes")
+        raise DataError(
+            f"{folder / info['meta']}: {len(names)} class names for {n_classes} classes"
+        )
     return RawData(train_x, train_y, test_x, test_y, names, [str(p) for p in needed])
 
 
 # --- Fashion-MNIST (IDX) -------------------------------------------------------------------
 
 FASHION_FILES = {
-    "train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte",
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
 }
 # The dataset ships no names; these are Zalando's, in label order.
-FASHION_CLASSES = ["T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt",
-                   "Sneaker", "Bag", "Ankle boot"]
+FASHION_CLASSES = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
 
 
 def read_idx(path: Path) -> np.ndarray:
@@ -134,16 +164,20 @@ def read_idx(path: Path) -> np.ndarray:
     except (OSError, EOFError) as err:
         raise DataError(f"{path}: cannot be read ({err}); the file may be truncated") from None
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] != 0x08:
-        raise DataError(f"{path}: bad magic number {raw[:4].hex() or '(empty)'}; expected "
-                        "0x0000080N (IDX, unsigned bytes)")
+        raise DataError(
+            f"{path}: bad magic number {raw[:4].hex() or '(empty)'}; expected "
+            "0x0000080N (IDX, unsigned bytes)"
+        )
     ndim = raw[3]
     if ndim < 1 or len(raw) < 4 + 4 * ndim:
         raise DataError(f"{path}: header too short for {ndim} dimensions")
-    shape = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    shape = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     expected = 4 + 4 * ndim + int(np.prod(shape))
     if len(raw) != expected:
-        raise DataError(f"{path}: {len(raw)} bytes, but the header's shape {shape} needs "
-                        f"{expected}; the file is truncated or corrupt")
+        raise DataError(
+            f"{path}: {len(raw)} bytes, but the header's shape {shape} needs "
+            f"{expected}; the file is truncated or corrupt"
+        )
     return np.frombuffer(raw, dtype=np.uint8, offset=4 + 4 * ndim).reshape(shape)
 
 
@@ -169,11 +203,13 @@ def load_fashion_mnist(root: Path, download: bool = True) -> RawData:
         import torchvision
 
         why = _try_download(
-            lambda: torchvision.datasets.FashionMNIST(str(root), train=True, download=True))
+            lambda: torchvision.datasets.FashionMNIST(str(root), train=True, download=True)
+        )
         found = complete(root / "FashionMNIST" / "raw")
         if found is None:
             raise DataError(
-                "fashion-mnist not found: looked in " + ", ".join(map(str, places))
+                "fashion-mnist not found: looked in "
+                + ", ".join(map(str, places))
                 + f" for {', '.join(FASHION_FILES.values())} (.gz or not); the torchvision "
                 f"download failed ({why}). Install Debian's package: "
                 "apt-get install dataset-fashion-mnist, or put the four IDX files in "
@@ -185,18 +221,32 @@ def load_fashion_mnist(root: Path, download: bool = True) -> RawData:
     for split in ("train", "test"):
         x, y = arrays[f"{split}_x"], arrays[f"{split}_y"]
         if x.ndim != 3 or y.ndim != 1 or len(x) != len(y):
-            raise DataError(f"{found[split + '_x']}: images of shape {x.shape} do not match "
-                            f"{len(y)} labels in {found[split + '_y']}")
-    return RawData(arrays["train_x"][..., None], arrays["train_y"].astype(np.int64),
-                   arrays["test_x"][..., None], arrays["test_y"].astype(np.int64),
-                   list(FASHION_CLASSES), [str(p) for p in found.values()])
+            raise DataError(
+                f"{found[split + '_x']}: images of shape {x.shape} do not match "
+                f"{len(y)} labels in {found[split + '_y']}"
+            )
+    return RawData(
+        arrays["train_x"][..., None],
+        arrays["train_y"].astype(np.int64),
+        arrays["test_x"][..., None],
+        arrays["test_y"].astype(np.int64),
+        list(FASHION_CLASSES),
+        [str(p) for p in found.values()],
+    )
 
 
 # --- synthetic -----------------------------------------------------------------------------
 
 
-def make_synthetic(n_train: int = 8000, n_test: int = 1000, size: int = 32, channels: int = 3,
-                   classes: int = 10, seed: int = 1234, noise: float = 0.5) -> RawData:
+def make_synthetic(
+    n_train: int = 8000,
+    n_test: int = 1000,
+    size: int = 32,
+    channels: int = 3,
+    classes: int = 10,
+    seed: int = 1234,
+    noise: float = 0.5,
+) -> RawData:
     """Each class is a grating with its own orientation, frequency and colour, at a random
     phase, under pixel noise: learnable by a conv net in a few hundred steps, not by one pixel.
 
@@ -221,8 +271,14 @@ def make_synthetic(n_train: int = 8000, n_test: int = 1000, size: int = 32, chan
 
     train_x, train_y = draw(n_train)
     test_x, test_y = draw(n_test)
-    return RawData(train_x, train_y, test_x, test_y, [f"class{i}" for i in range(classes)],
-                   [f"synthetic(seed={seed})"])
+    return RawData(
+        train_x,
+        train_y,
+        test_x,
+        test_y,
+        [f"class{i}" for i in range(classes)],
+        [f"synthetic(seed={seed})"],
+    )
 
 
 def load_synthetic(root: Path, download: bool = True) -> RawData:

@@ -213,9 +213,7 @@ def spec_from_settings(
     unknown = sorted(set(model) - known)
     if unknown:
         raise SpecError(f"unknown model setting(s): {', '.join('model.' + k for k in unknown)}")
-    return ModelSpec(
-        **model, in_channels=in_channels, in_size=in_size, num_classes=num_classes
-    )
+    return ModelSpec(**model, in_channels=in_channels, in_size=in_size, num_classes=num_classes)
 
 
 def paper_presets(
@@ -224,9 +222,15 @@ def paper_presets(
     """The twelve models of Table 3, by their paper names."""
     out = {}
     for base in BASES:
-        for variant, (pooling, strided) in VARIANTS.items():
-            spec = ModelSpec(base, pooling, strided, in_channels=in_channels, in_size=in_size,
-                             num_classes=num_classes)
+        for pooling, strided in VARIANTS.values():
+            spec = ModelSpec(
+                base,
+                pooling,
+                strided,
+                in_channels=in_channels,
+                in_size=in_size,
+                num_classes=num_classes,
+            )
             out[spec.name] = spec
     return out
 
@@ -242,8 +246,14 @@ def all_specs(
                 for head in HEADS:
                     combo = dict(base=base, pooling=pooling, strided_conv=strided, head=head)
                     try:
-                        valid.append(ModelSpec(**combo, in_channels=in_channels,
-                                               in_size=in_size, num_classes=num_classes))
+                        valid.append(
+                            ModelSpec(
+                                **combo,
+                                in_channels=in_channels,
+                                in_size=in_size,
+                                num_classes=num_classes,
+                            )
+                        )
                     except SpecError as err:
                         invalid.append((combo, str(err)))
     return valid, invalid
@@ -265,8 +275,9 @@ class AllConvNet(nn.Module):
         for i, c_out in enumerate((c1, c2), start=1):
             layers[f"stage{i}"] = self._stage(c_in, c_out, p_down)
             c_in = c_out
-        layers["head"] = HEADS[spec.head](c_in, c_top, spec.num_classes,
-                                          spec.feature_sizes()[2], spec.norm)
+        layers["head"] = HEADS[spec.head](
+            c_in, c_top, spec.num_classes, spec.feature_sizes()[2], spec.norm
+        )
         self.layers = nn.Sequential()
         for key, module in layers.items():
             self.layers.add_module(key, module)
@@ -331,8 +342,11 @@ def count_macs(model: AllConvNet) -> int:
         elif isinstance(module, nn.Linear):
             total += module.in_features * module.out_features
 
-    handles = [m.register_forward_hook(hook) for m in model.modules()
-               if isinstance(m, nn.Conv2d | nn.Linear)]
+    handles = [
+        m.register_forward_hook(hook)
+        for m in model.modules()
+        if isinstance(m, nn.Conv2d | nn.Linear)
+    ]
     try:
         with torch.no_grad():
             model.eval()

@@ -73,8 +73,10 @@ class AllConvModule(L.LightningModule):
         loss = F.cross_entropy(logits.float(), y)
         every = FINITE_CHECK_EVERY.get(loss.device.type, 16)
         if idx % every == 0 and not torch.isfinite(loss):
-            return self._diverge(f"non-finite training loss ({loss.item()}) at epoch "
-                                 f"{self.current_epoch}, step {idx}")
+            return self._diverge(
+                f"non-finite training loss ({loss.item()}) at epoch "
+                f"{self.current_epoch}, step {idx}"
+            )
         self.train_acc.update(logits.detach(), y)
         self.log("train/loss", loss.detach(), on_step=False, on_epoch=True)
         return loss
@@ -95,8 +97,13 @@ class AllConvModule(L.LightningModule):
         x, y = batch
         logits = self(x).float()
         acc.update(logits, y)
-        self.log(f"{prefix}/loss", F.cross_entropy(logits, y), on_step=False, on_epoch=True,
-                 sync_dist=True)
+        self.log(
+            f"{prefix}/loss",
+            F.cross_entropy(logits, y),
+            on_step=False,
+            on_epoch=True,
+            sync_dist=True,
+        )
 
     def validation_step(self, batch, idx: int) -> None:
         self._eval_step(batch, "val", self.val_acc)
@@ -114,8 +121,10 @@ class AllConvModule(L.LightningModule):
 
     def configure_optimizers(self):
         t = self.hparams.train
-        opt = torch.optim.SGD(self.parameters(), lr=t["lr"], momentum=t["momentum"],
-                              weight_decay=t["weight_decay"])
-        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(t["epochs"]),
-                                                     gamma=t["lr_gamma"])
+        opt = torch.optim.SGD(
+            self.parameters(), lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"]
+        )
+        sched = torch.optim.lr_scheduler.MultiStepLR(
+            opt, milestones(t["epochs"]), gamma=t["lr_gamma"]
+        )
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "epoch"}}

@@ -20,15 +20,18 @@ def test_unknown_key_suggests_the_closest(capsys, in_tmp):
     assert tree(in_tmp) == []
 
 
-@pytest.mark.parametrize("item,message", [
-    ("model.head", "is not a key=value setting"),
-    ("train.epochs=two", "wrong type: expected int"),
-    ("train.lr=fast", "wrong type: expected float"),
-    ("model.width=-1", "must be positive"),
-    ("model.head=mlp", "valid values: gap, fc"),
-    ("model.pooling=maxx", "valid values: max, avg, none"),
-    ("data.dataset=mnist", "valid values: cifar10, cifar100, fashion-mnist, synthetic"),
-])
+@pytest.mark.parametrize(
+    "item,message",
+    [
+        ("model.head", "is not a key=value setting"),
+        ("train.epochs=two", "wrong type: expected int"),
+        ("train.lr=fast", "wrong type: expected float"),
+        ("model.width=-1", "must be positive"),
+        ("model.head=mlp", "valid values: gap, fc"),
+        ("model.pooling=maxx", "valid values: max, avg, none"),
+        ("data.dataset=mnist", "valid values: cifar10, cifar100, fashion-mnist, synthetic"),
+    ],
+)
 def test_bad_settings_exit_2_and_write_nothing(capsys, in_tmp, item, message):
     code, out, err = run_cli(capsys, "train", "data.dataset=synthetic", item)
     assert code == 2
@@ -50,10 +53,24 @@ def test_variant_with_a_slot_it_sets(capsys, in_tmp):
 
 
 def test_parse_types():
-    got = S.parse_assignments(["train.lr=0.1", "train.epochs=3", "train.compile=true",
-                               "data.subset=none", "data.val_size=auto", "model.pooling=none"])
-    assert got == {"train.lr": 0.1, "train.epochs": 3, "train.compile": True,
-                   "data.subset": None, "data.val_size": "auto", "model.pooling": "none"}
+    got = S.parse_assignments(
+        [
+            "train.lr=0.1",
+            "train.epochs=3",
+            "train.compile=true",
+            "data.subset=none",
+            "data.val_size=auto",
+            "model.pooling=none",
+        ]
+    )
+    assert got == {
+        "train.lr": 0.1,
+        "train.epochs": 3,
+        "train.compile": True,
+        "data.subset": None,
+        "data.val_size": "auto",
+        "model.pooling": "none",
+    }
 
 
 def test_models_lists_the_paper_models(capsys):

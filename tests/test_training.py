@@ -7,8 +7,12 @@ from ablations import run
 from ablations import settings as S
 from lightning_modules.module import AllConvModule, milestones
 
-TINY = {"data.dataset": "synthetic", "model.width": 0.25, "model.variant": "all-cnn",
-        "train.epochs": 2}
+TINY = {
+    "data.dataset": "synthetic",
+    "model.width": 0.25,
+    "model.variant": "all-cnn",
+    "train.epochs": 2,
+}
 
 
 @pytest.fixture(scope="module")
@@ -39,16 +43,25 @@ def test_checkpoint_reloads_alone_with_identical_predictions(trained):
     assert (path / "settings.yaml").exists()
 
 
-@pytest.mark.parametrize("epochs,expected", [(350, [200, 250, 300]), (35, [20, 25, 30]),
-                                             (7, [4, 5, 6]), (1, [1])])
+@pytest.mark.parametrize(
+    "epochs,expected", [(350, [200, 250, 300]), (35, [20, 25, 30]), (7, [4, 5, 6]), (1, [1])]
+)
 def test_milestones_scale_with_epochs(epochs, expected):
     assert milestones(epochs) == expected
 
 
 def test_optimizer_follows_the_settings():
-    module = AllConvModule(model={"width": 0.125}, train={
-        "lr": 0.1, "lr_gamma": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "epochs": 35,
-        "compile": False})
+    module = AllConvModule(
+        model={"width": 0.125},
+        train={
+            "lr": 0.1,
+            "lr_gamma": 0.1,
+            "momentum": 0.9,
+            "weight_decay": 1e-3,
+            "epochs": 35,
+            "compile": False,
+        },
+    )
     cfg = module.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-3
