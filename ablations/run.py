@@ -181,7 +181,10 @@ def train(
     fit_seconds = time.perf_counter() - t0
 
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    state = "diverged" if module.diverged else "complete"
+    state, message = ("diverged", module.diverged) if module.diverged else ("complete", None)
+    for cb in callbacks or []:  # e.g. a pruner that stopped the fit
+        if getattr(cb, "stop_state", None) and state == "complete":
+            state, message = cb.stop_state, cb.stop_message
     test_error = math.nan
     if state == "complete":
         tested = trainer.test(module, datamodule=dm, verbose=False)
@@ -205,7 +208,7 @@ def train(
         else math.nan,
         "device": device_name("gpu" if use_cuda else "cpu"),
         "precision": precision,
-        "error_message": module.diverged,
+        "error_message": message,
         "model.name": flat["model.name"],
         "data.files": dm.files,
         "run_dir": str(run_dir),

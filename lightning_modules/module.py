@@ -52,7 +52,8 @@ def milestones(epochs: int) -> list[int]:
 class AllConvModule(L.LightningModule):
     def __init__(self, model: dict[str, Any], train: dict[str, Any]) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # logger=False: W&B gets the flat run settings instead (ablations/wandb_log.py)
+        self.save_hyperparameters(logger=False)
         self.spec = ModelSpec(**model)
         # channels-last: the layout oneDNN and cuDNN run convolutions fastest in (benchmarks/)
         self.net = build(self.spec).to(memory_format=torch.channels_last)

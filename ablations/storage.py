@@ -1,0 +1,213 @@
+"""Where a study lives (a journal file, or any Optuna RDB URL), a lock for claiming cells,
+and the liveness stamps that let a worker tell a dead trial from a slow one."""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import socket
+import threading
+import time
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import optuna
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import FrozenTrial, TrialState
+
+from ablations.sweep_file import SweepError
+
+RDB_SCHEMES = ("sqlite", "postgresql", "postgres", "mysql")
+# A worker stamps its running trial this often; a stamp older than GRACE means the worker
+# (on another host, where its pid cannot be checked) is gone.
+HEARTBEAT_S = float(os.environ.get("ALLCONV_HEARTBEAT_S", 10))
+GRACE_S = float(os.environ.get("ALLCONV_GRACE_S", 60))
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def default_url(study: str, root: Path = Path("runs")) -> str:
+    return str(root / study / "optuna.journal")
+
+
+def is_rdb(url: str) -> bool:
+    return urlsplit(url).scheme.split("+")[0] in RDB_SCHEMES
+
+
+def describe_url(url: str) -> str:
+    """The URL without its password, for messages."""
+    parts = urlsplit(url)
+    if parts.password:
+        return url.replace(f":{parts.password}@", ":***@")
+    return url
+
+
+def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStorage:
+    """A journal file path, or an RDB URL. Unreachable storage raises SweepError."""
+    if is_rdb(url):
+        if urlsplit(url).scheme.startswith("postgres"):
+            check_postgres(url)
+        try:
+            return RDBStorage(url, heartbeat_interval=int(HEARTBEAT_S),
+                              grace_period=int(GRACE_S),
+                              engine_kwargs={"pool_pre_ping": True})
+        except Exception as err:
+            raise SweepError(f"storage {describe_url(url)} cannot be used: "
+                             f"{type(err).__name__}: {err}") from None
+    path = Path(url.removeprefix("journal://").removeprefix("journal:"))
+    if not create and not path.exists():
+        raise SweepError(f"storage {path} does not exist (no sweep has written there)")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return JournalStorage(JournalFileBackend(str(path)))
+
+
+def check_postgres(url: str) -> None:
+    """Fail fast, naming host, port and database, when PostgreSQL cannot be reached."""
+    import sqlalchemy
+
+    parts = urlsplit(url)
+    where = (f"host {parts.hostname or 'localhost'}, port {parts.port or 5432}, "
+             f"database {parts.path.lstrip('/') or '(default)'}")
+    try:
+        engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5})
+        with engine.connect():
+            pass
+        engine.dispose()
+    except Exception as err:
+        reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
+        raise SweepError(f"PostgreSQL storage {describe_url(url)} cannot be reached ({where}): "
+                         f"{reason}") from None
+
+
+@contextlib.contextmanager
+def claim_lock(url: str, study: str) -> Iterator[None]:
+    """Serialise 'pick a cell, create its trial' across every worker of a study.
+
+    Journal and SQLite files: an flock beside the file (one machine or a shared filesystem).
+    PostgreSQL: a session advisory lock, so workers on different machines agree.
+    """
+    if is_rdb(url) and urlsplit(url).scheme.startswith("postgres"):
+        import sqlalchemy
+
+        key = zlib.crc32(study.encode())
+        engine = _engine(url)
+        with engine.connect() as conn:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+            try:
+                yield
+            finally:
+                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+                conn.commit()
+        return
+    if is_rdb(url):
+        path = Path(urlsplit(url).path.lstrip("/") or "optuna.db").with_suffix(".claim.lock")
+    else:
+        path = Path(url.removeprefix("journal://").removeprefix("journal:") + ".claim.lock")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+_ENGINES: dict[str, object] = {}
+
+
+def _engine(url: str):
+    import sqlalchemy
+
+    if url not in _ENGINES:
+        _ENGINES[url] = sqlalchemy.create_engine(url, pool_pre_ping=True)
+    return _ENGINES[url]
+
+
+# --- liveness --------------------------------------------------------------------------------
+
+
+def _start_time(pid: int) -> str | None:
+    """The process's start time in clock ticks since boot: pid plus this is unique."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def owner_stamp() -> dict[str, object]:
+    pid = os.getpid()
+    return {"worker.host": socket.gethostname(), "worker.pid": pid,
+            "worker.start": _start_time(pid), "worker.heartbeat": time.time()}
+
+
+def is_stale(trial: FrozenTrial, now: float | None = None) -> str | None:
+    """Why a RUNNING trial's worker is dead, or None if it may be alive."""
+    attrs = trial.user_attrs
+    now = time.time() if now is None else now
+    if "worker.pid" not in attrs:
+        # created but never stamped: its worker died between ask and stamp, or it's foreign
+        started = trial.datetime_start.timestamp() if trial.datetime_start else now
+        return "no worker stamp" if now - started > GRACE_S else None
+    if attrs.get("worker.host") == socket.gethostname():
+        pid = int(attrs["worker.pid"])
+        if _start_time(pid) != attrs.get("worker.start"):
+            return f"worker pid {pid} on {attrs['worker.host']} is gone"
+        return None
+    age = now - float(attrs.get("worker.heartbeat", 0))
+    if age > GRACE_S:
+        return f"no heartbeat from {attrs.get('worker.host')} for {age:.0f} s"
+    return None
+
+
+def fail_stale(study: optuna.Study) -> list[int]:
+    """Fail every RUNNING trial whose worker is dead; returns their numbers."""
+    failed = []
+    if isinstance(study._storage, RDBStorage) or isinstance(
+            getattr(study._storage, "_backend", None), RDBStorage):
+        optuna.storages.fail_stale_trials(study)  # the RDB heartbeat: marks them FAIL
+    for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        why = is_stale(t)
+        if why is None:
+            continue
+        storage = study._storage
+        storage.set_trial_user_attr(t._trial_id, "error_message", f"worker died: {why}")
+        try:
+            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
+        except RuntimeError:
+            continue  # finished in the meantime
+        failed.append(t.number)
+    return failed
+
+
+class Heartbeat:
+    """Stamps a trial every HEARTBEAT_S seconds from a daemon thread until stopped."""
+
+    def __init__(self, storage: optuna.storages.BaseStorage, trial_id: int) -> None:
+        self.storage, self.trial_id = storage, trial_id
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.wait(HEARTBEAT_S):
+            try:
+                self.storage.set_trial_user_attr(self.trial_id, "worker.heartbeat", time.time())
+                if hasattr(self.storage, "record_heartbeat"):
+                    self.storage.record_heartbeat(self.trial_id)
+            except Exception:
+                pass  # the trial may have finished, or the database blipped; keep trying
+
+    def __enter__(self) -> Heartbeat:
+        if hasattr(self.storage, "record_heartbeat"):
+            with contextlib.suppress(Exception):
+                self.storage.record_heartbeat(self.trial_id)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)

@@ -1,0 +1,253 @@
+"""Sweep files: W&B's sweep-configuration schema, validated in full, run by Optuna."""
+
+from __future__ import annotations
+
+import hashlib
+import itertools
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from ablations import settings as S
+from lightning_modules.family import SpecError
+
+TOP_KEYS = ("name", "description", "method", "metric", "parameters", "run_cap",
+            "early_terminate", "project", "entity")
+METHODS = {"grid": "Optuna GridSampler semantics (every cell once)", "random": "RandomSampler",
+           "bayes": "TPESampler"}
+GOALS = ("minimize", "maximize")
+METRICS = ("val/error", "val/loss", "train/loss", "test/error")
+PARAM_KEYS = ("value", "values", "distribution", "min", "max")
+DISTRIBUTIONS = ("uniform", "int_uniform", "log_uniform_values", "categorical", "constant")
+EARLY_TERMINATE_KEYS = ("type", "min_iter", "max_iter", "eta")
+# Keys a definition is compared on when a study name is reused; the rest may change.
+DEFINING = ("method", "metric", "parameters", "early_terminate")
+
+
+class SweepError(ValueError):
+    """A bad sweep file or a sweep that cannot start; the message names the key."""
+
+
+@dataclass(frozen=True)
+class Param:
+    key: str
+    values: tuple | None = None  # `value` or `values`
+    distribution: str | None = None
+    low: float | None = None
+    high: float | None = None
+
+    @property
+    def fixed(self) -> bool:
+        return self.values is not None and len(self.values) == 1 and self.distribution is None
+
+
+@dataclass
+class Sweep:
+    name: str
+    method: str
+    metric: str
+    goal: str
+    params: dict[str, Param]
+    description: str = ""
+    run_cap: int | None = None
+    hyperband: dict[str, int] | None = None
+    project: str | None = None
+    entity: str | None = None
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def base(self) -> dict[str, Any]:
+        return {k: p.values[0] for k, p in self.params.items() if p.fixed}
+
+    @property
+    def swept(self) -> list[str]:
+        return [k for k, p in self.params.items() if not p.fixed]
+
+    def definition(self) -> dict[str, Any]:
+        return {k: self.raw.get(k) for k in DEFINING}
+
+    def fingerprint(self) -> str:
+        blob = json.dumps(self.definition(), sort_keys=True, default=str)
+        return hashlib.sha256(blob.encode()).hexdigest()[:16]
+
+    def cells(self) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
+        """Grid: (valid cells, invalid cells with the reason), in the file's order."""
+        keys = self.swept
+        valid, invalid = [], []
+        for combo in itertools.product(*(self.params[k].values for k in keys)):
+            cell = dict(zip(keys, combo))
+            try:
+                S.resolve({**self.base, **cell})
+            except (S.SettingsError, SpecError) as err:
+                invalid.append((cell, str(err)))
+            else:
+                valid.append(cell)
+        return valid, invalid
+
+    def epochs(self, cell: dict[str, Any]) -> int:
+        return int({**S.defaults(), **self.base, **cell}["train.epochs"])
+
+
+def cell_id(cell: dict[str, Any]) -> str:
+    """A cell's identity: its swept values, as canonical JSON."""
+    return json.dumps(cell, sort_keys=True, default=str)
+
+
+def _err(msg: str) -> SweepError:
+    return SweepError(msg)
+
+
+def _check_keys(where: str, got: dict, valid: tuple[str, ...]) -> None:
+    for key in got:
+        if key not in valid:
+            raise _err(f"{where}: unknown key {key!r}{S.suggest(str(key), valid)} "
+                       f"(valid keys: {', '.join(valid)})")
+
+
+def _param(key: str, spec: Any) -> Param:
+    where = f"parameters.{key}"
+    if not isinstance(spec, dict):
+        raise _err(f"{where}: expected a mapping with one of value, values, distribution; "
+                   f"got {spec!r}")
+    _check_keys(where, spec, PARAM_KEYS)
+    kind = S.check_key(key).kind.split("|")[0]
+
+    def coerce(v: Any) -> Any:
+        try:
+            return S.coerce(key, v)
+        except S.SettingsError as err:
+            raise _err(f"{where}: {err}") from None
+
+    if "value" in spec:
+        if len(spec) > 1:
+            raise _err(f"{where}: 'value' cannot be combined with {sorted(set(spec) - {'value'})}")
+        return Param(key, (coerce(spec["value"]),))
+    dist = spec.get("distribution")
+    if "values" in spec:
+        values = spec["values"]
+        if not isinstance(values, list):
+            raise _err(f"{where}.values: expected a list, got {values!r}")
+        if not values:
+            raise _err(f"{where}.values is empty: give at least one value")
+        if dist not in (None, "categorical"):
+            raise _err(f"{where}: 'values' goes with distribution categorical, not {dist!r}")
+        coerced = tuple(coerce(v) for v in values)
+        if len(set(map(repr, coerced))) != len(coerced):
+            raise _err(f"{where}.values has duplicates: {values}")
+        return Param(key, coerced)
+    if "min" not in spec or "max" not in spec:
+        raise _err(f"{where}: give 'value', 'values', or 'min' and 'max' with a distribution")
+    if dist is None:
+        dist = "int_uniform" if kind == "int" else "uniform"
+    if dist not in DISTRIBUTIONS[:3]:
+        raise _err(f"{where}.distribution={dist!r} is not one of the valid values: "
+                   f"{', '.join(DISTRIBUTIONS[:3])}")
+    if kind not in ("int", "float"):
+        raise _err(f"{where}: a {dist} distribution needs a numeric setting; {key} is {kind}")
+    lo, hi = coerce(spec["min"]), coerce(spec["max"])
+    if dist == "int_uniform" and kind != "int":
+        raise _err(f"{where}: int_uniform needs an integer setting; {key} is {kind}")
+    if not lo < hi:
+        raise _err(f"{where}: min ({lo}) must be below max ({hi})")
+    if dist == "log_uniform_values" and lo <= 0:
+        raise _err(f"{where}: log_uniform_values needs min > 0, got {lo}")
+    return Param(key, None, dist, lo, hi)
+
+
+def parse(raw: Any, source: str = "sweep file") -> Sweep:
+    """Validate a sweep definition (a dict loaded from YAML); raises SweepError."""
+    if not isinstance(raw, dict):
+        raise _err(f"{source}: expected a mapping of sweep keys, got {type(raw).__name__}")
+    _check_keys(source, raw, TOP_KEYS)
+    for key in ("name", "method", "parameters"):
+        if key not in raw:
+            raise _err(f"{source}: missing required key {key!r}")
+    name = raw["name"]
+    if not isinstance(name, str) or not name or "/" in name:
+        raise _err(f"name: {name!r} must be a non-empty string without '/'")
+    method = raw["method"]
+    if method not in METHODS:
+        raise _err(f"method={method!r} is not one of the valid values: {', '.join(METHODS)}")
+    metric = raw.get("metric", {"name": "val/error", "goal": "minimize"})
+    if not isinstance(metric, dict):
+        raise _err(f"metric: expected a mapping with name and goal, got {metric!r}")
+    _check_keys("metric", metric, ("name", "goal"))
+    if metric.get("name", "val/error") not in METRICS:
+        raise _err(f"metric.name={metric.get('name')!r} is not one of the valid values: "
+                   f"{', '.join(METRICS)}")
+    if metric.get("goal", "minimize") not in GOALS:
+        raise _err(f"metric.goal={metric.get('goal')!r} is not one of the valid values: "
+                   f"{', '.join(GOALS)}")
+    params_raw = raw["parameters"]
+    if not isinstance(params_raw, dict) or not params_raw:
+        raise _err("parameters: expected a non-empty mapping of setting keys")
+    for key in params_raw:
+        if key not in S.SCHEMA:
+            raise _err(f"parameters: unknown setting {key!r}{S.suggest(str(key), list(S.SCHEMA))}"
+                       f" (valid keys: {', '.join(S.SCHEMA)})")
+    params = {k: _param(k, v) for k, v in params_raw.items()}
+    if "model.variant" in params:
+        clash = [k for k in ("model.pooling", "model.strided_conv") if k in params]
+        if clash:
+            raise _err(f"parameters: model.variant sets model.pooling and model.strided_conv; "
+                       f"do not also set {' and '.join(clash)}")
+    if method == "grid":
+        continuous = [k for k, p in params.items() if p.distribution]
+        if continuous:
+            raise _err(f"method=grid needs 'values' lists; {', '.join(continuous)} "
+                       "has a continuous distribution (use random or bayes)")
+    run_cap = raw.get("run_cap")
+    if run_cap is not None and (not isinstance(run_cap, int) or isinstance(run_cap, bool)
+                                or run_cap < 1):
+        raise _err(f"run_cap={run_cap!r} must be a positive integer")
+    if method != "grid" and run_cap is None:
+        raise _err(f"method={method} needs run_cap (the number of trials)")
+    hyperband = None
+    if "early_terminate" in raw:
+        et = raw["early_terminate"]
+        if not isinstance(et, dict):
+            raise _err(f"early_terminate: expected a mapping, got {et!r}")
+        _check_keys("early_terminate", et, EARLY_TERMINATE_KEYS)
+        if et.get("type") != "hyperband":
+            raise _err(f"early_terminate.type={et.get('type')!r} is not one of the valid "
+                       "values: hyperband")
+        hyperband = {}
+        for key, default in (("min_iter", 1), ("eta", 3), ("max_iter", None)):
+            value = et.get(key, default)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
+                                      or value < 1):
+                raise _err(f"early_terminate.{key}={value!r} must be a positive integer")
+            hyperband[key] = value
+        if hyperband["eta"] < 2:
+            raise _err("early_terminate.eta must be at least 2")
+    for key in ("project", "entity", "description"):
+        if raw.get(key) is not None and not isinstance(raw[key], str):
+            raise _err(f"{key}: expected a string, got {raw[key]!r}")
+    sweep = Sweep(name=name, method=method, metric=metric.get("name", "val/error"),
+                  goal=metric.get("goal", "minimize"), params=params,
+                  description=raw.get("description") or "", run_cap=run_cap,
+                  hyperband=hyperband, project=raw.get("project"), entity=raw.get("entity"),
+                  raw=raw)
+    try:
+        S.resolve(sweep.base)
+    except (S.SettingsError, SpecError) as err:
+        raise _err(f"parameters: the fixed values are invalid: {err}") from None
+    if method == "grid":
+        valid, _ = sweep.cells()
+        if not valid:
+            raise _err("parameters: every grid cell is an invalid combination")
+    return sweep
+
+
+def load(path: str | Path) -> Sweep:
+    path = Path(path)
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except FileNotFoundError:
+        raise _err(f"{path}: no such sweep file") from None
+    except yaml.YAMLError as err:
+        raise _err(f"{path}: not valid YAML: {err}") from None
+    return parse(raw, str(path))

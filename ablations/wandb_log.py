@@ -1,0 +1,122 @@
+"""W&B: one run per trial, grouped by study, and never the reason a trial fails."""
+
+from __future__ import annotations
+
+import logging
+import netrc
+import os
+from pathlib import Path
+from typing import Any
+
+from lightning.pytorch.loggers import WandbLogger
+
+log = logging.getLogger("ablations.wandb")
+MODES = ("online", "offline", "disabled")
+
+
+def default_mode() -> str:
+    """Online when W&B credentials are present, offline otherwise."""
+    if os.environ.get("WANDB_MODE") in MODES:
+        return os.environ["WANDB_MODE"]
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    try:
+        if netrc.netrc().authenticators("api.wandb.ai"):
+            return "online"
+    except (OSError, netrc.NetrcParseError):
+        pass
+    return "offline"
+
+
+def run_name(flat: dict[str, Any], trial: int) -> str:
+    return f"{flat['model.name']}-s{flat['seed']}-t{trial}"
+
+
+class SafeWandbLogger(WandbLogger):
+    """A WandbLogger whose failures are logged and then ignored: W&B never fails a trial."""
+
+    broken = False
+
+    def _guard(self, what: str, fn, *args, **kwargs) -> Any:
+        if self.broken:
+            return None
+        try:
+            return fn(*args, **kwargs)
+        except Exception as err:
+            self.broken = True
+            log.warning("W&B %s failed, the trial goes on without it: %s", what, err)
+            return None
+
+    def log_metrics(self, metrics, step=None) -> None:
+        self._guard("log_metrics", super().log_metrics, metrics, step)
+
+    def log_hyperparams(self, params, *args, **kwargs) -> None:
+        self._guard("log_hyperparams", super().log_hyperparams, params, *args, **kwargs)
+
+    def after_save_checkpoint(self, checkpoint_callback) -> None:
+        self._guard("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
+
+    def finalize(self, status: str) -> None:
+        self._guard("finalize", super().finalize, status)
+
+
+def trial_logger(mode: str, *, study: str, trial: int, flat: dict[str, Any],
+                 swept: list[str], save_dir: Path, project: str | None,
+                 entity: str | None) -> SafeWandbLogger | None:
+    """Start the trial's W&B run; None (with a warning) when W&B is off or cannot start."""
+    if mode == "disabled":
+        return None
+    config = {**{k: v for k, v in flat.items() if v is not None}, "study": study,
+              "trial": trial}
+    tags = [f"{k}={flat[k]}"[:64] for k in swept if k in flat]
+    try:
+        logger = SafeWandbLogger(
+            project=project or "allconv-ablations", entity=entity, group=study,
+            job_type=flat["model.name"], name=run_name(flat, trial), tags=tags, config=config,
+            save_dir=str(save_dir), mode=mode, log_model=False, reinit="create_new")
+        logger.experiment  # noqa: B018  (starts the run now, inside this try)
+    except Exception as err:
+        log.warning("W&B run for trial %s could not start, the trial goes on without it: %s",
+                    trial, err)
+        return None
+    return logger
+
+
+def finish(logger: SafeWandbLogger | None, summary: dict[str, Any]) -> str | None:
+    """Write the final metrics to the run's summary and finish it; returns the run id."""
+    if logger is None:
+        return None
+    run_id = None
+    try:
+        run = logger.experiment
+        run_id = run.id
+        run.summary.update({k: v for k, v in summary.items() if v is not None})
+        run.finish()
+    except Exception as err:
+        log.warning("W&B finish failed (the trial's result is kept): %s", err)
+    return run_id
+
+
+def log_table(mode: str, *, study: str, project: str | None, entity: str | None,
+              save_dir: Path, tables: dict[str, Any], images: dict[str, Path] | None = None
+              ) -> str | None:
+    """The sweep's closing `ablation-table` run: DataFrames as wandb.Tables, plus figures."""
+    if mode == "disabled":
+        return None
+    try:
+        import wandb
+
+        run = wandb.init(project=project or "allconv-ablations", entity=entity, group=study,
+                         job_type="ablation-table", name=f"{study}-ablation-table",
+                         dir=str(save_dir), mode=mode, reinit="create_new",
+                         config={"study": study})
+        payload: dict[str, Any] = {k: wandb.Table(dataframe=df) for k, df in tables.items()}
+        for key, path in (images or {}).items():
+            payload[key] = wandb.Image(str(path))
+        run.log(payload)
+        run_id = run.id
+        run.finish()
+        return run_id
+    except Exception as err:
+        log.warning("W&B ablation-table run failed (the study is unaffected): %s", err)
+        return None
