@@ -378,8 +378,8 @@ def dry_run(sweep: SF.Sweep, study_name: str, url: str) -> None:
         table.add_row(str(i), *(str(cell[k]) for k in sweep.swept), name, str(e))
     console.print(table)
     for cell, why in invalid:
-        console.print(f"skipped invalid cell {SF.cell_id(cell)}: {why}")
-    console.print(f"{len(valid)} cells to run, {len(invalid)} invalid skipped, "
+        print(f"skipped invalid cell {SF.cell_id(cell)}: {why}")
+    print(f"{len(valid)} cells to run, {len(invalid)} invalid skipped, "
                   f"{epochs} epochs in all")
 
 
@@ -547,6 +547,10 @@ def _study_and_sweep(name: str | None, url: str | None, runs_dir: Path
                                                           f"no studies under {runs_dir}"))
             name = names[0]
         url = ST.default_url(name, runs_dir)
+        if not Path(url).exists():
+            names = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))
+            raise SF.SweepError(f"no study {name!r} under {runs_dir}; studies there: "
+                                f"{', '.join(names) or 'none'}")
     storage = ST.open_storage(url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if not names:

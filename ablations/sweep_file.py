@@ -132,6 +132,9 @@ def _param(key: str, spec: Any) -> Param:
             raise _err(f"{where}.values: expected a list, got {values!r}")
         if not values:
             raise _err(f"{where}.values is empty: give at least one value")
+        extra = sorted({"min", "max"} & set(spec))
+        if extra:
+            raise _err(f"{where}: 'values' cannot be combined with {', '.join(extra)}")
         if dist not in (None, "categorical"):
             raise _err(f"{where}: 'values' goes with distribution categorical, not {dist!r}")
         coerced = tuple(coerce(v) for v in values)

@@ -1,0 +1,278 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from ablations import storage as ST
+from ablations import sweep as SW
+from ablations import sweep_file as SF
+from ablations.cli import main
+from tests.conftest import tree
+
+FAST = {
+    "data.dataset": {"value": "synthetic"},
+    "data.subset": {"value": 256},
+    "data.val_size": {"value": 64},
+    "data.preprocess": {"value": "standardize"},
+    "model.width": {"value": 0.125},
+    "train.epochs": {"value": 1},
+}
+
+
+def write_sweep(path: Path, **overrides) -> Path:
+    raw = {"name": "t", "method": "grid", "metric": {"name": "val/error", "goal": "minimize"},
+           "parameters": {**FAST, "model.variant": {"values": ["base", "all-cnn"]}}}
+    params = overrides.pop("parameters", {})
+    raw.update(overrides)
+    raw["parameters"] = {**raw["parameters"], **params}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def run_worker(file: Path, study: str = "t", runs: Path = Path("runs"), **kw) -> None:
+    """One in-process worker, as `ablate sweep` starts them, after creating the study."""
+    sweep = SF.load(file)
+    url = kw.pop("storage", ST.default_url(study, runs))
+    SW.open_study(sweep, url, study, create=True)
+    argv = [str(file), "--study", study, "--storage", url, "--runs-dir", str(runs / study),
+            "--wandb", kw.pop("wandb", "disabled")]
+    for k, v in kw.items():
+        argv += [f"--{k.replace('_', '-')}", str(v)]
+    assert SW.worker_main(argv) == 0
+
+
+def load(study="t", runs=Path("runs")):
+    return optuna.load_study(study_name=study, storage=ST.open_storage(
+        ST.default_url(study, runs)))
+
+
+def complete_cells(study):
+    return sorted(t.user_attrs["cell"] for t in study.get_trials()
+                  if SW.trial_state(t) in SW.DONE_STATES)
+
+
+# --- the file --------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("change,message", [
+    ({"colour": "red"}, "unknown key 'colour'"),
+    ({"parameters": {"train.lrr": {"value": 0.1}}}, "did you mean 'train.lr'"),
+    ({"parameters": {"model.head": {"values": ["gap", "mlp"]}}}, "valid values: gap, fc"),
+    ({"parameters": {"train.epochs": {"value": "two"}}}, "wrong type: expected int"),
+    ({"parameters": {"seed": {"values": []}}}, "seed.values is empty"),
+    ({"parameters": {"train.lr": {"min": 0.01, "max": 0.1}}}, "method=grid needs 'values'"),
+    ({"parameters": {"model.pooling": {"value": "max"}}}, "do not also set model.pooling"),
+    ({"method": "evolution"}, "valid values: grid, random, bayes"),
+    ({"metric": {"name": "accuracy"}}, "metric.name='accuracy'"),
+    ({"early_terminate": {"type": "asha"}}, "valid values: hyperband"),
+    ({"method": "random"}, "needs run_cap"),
+    ({"parameters": {"train.lr": {"values": [0.1], "min": 0}}}, "cannot be combined with min"),
+    ({"parameters": {"train.lr": {"values": [0.1], "distribution": "uniform"}}},
+     "'values' goes with distribution categorical"),
+])
+def test_bad_sweep_files_exit_2_and_write_nothing(tmp_path, in_tmp, capsys, change, message):
+    file = write_sweep(tmp_path / "s.yaml", **change)
+    before = tree(in_tmp)
+    assert main(["sweep", str(file), "--wandb", "disabled"]) == 2
+    err = capsys.readouterr().err
+    assert message in err, err
+    assert tree(in_tmp) == before  # no storage, no runs/
+
+
+def test_invalid_grid_cells_are_listed_and_skipped(tmp_path, in_tmp, capsys):
+    file = write_sweep(tmp_path / "s.yaml", parameters={
+        "model.variant": None, "model.pooling": {"values": ["max", "none"]},
+        "model.strided_conv": {"values": ["fold", "extra"]}})
+    raw = yaml.safe_load(file.read_text())
+    del raw["parameters"]["model.variant"]
+    file.write_text(yaml.safe_dump(raw))
+    sweep = SF.load(file)
+    valid, invalid = sweep.cells()
+    assert len(valid) == 3 and len(invalid) == 1
+    assert invalid[0][0] == {"model.pooling": "max", "model.strided_conv": "fold"}
+    assert main(["sweep", str(file), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "3 cells to run, 1 invalid skipped, 3 epochs in all" in out
+    assert "halve the resolution twice" in out
+    assert not Path("runs").exists()  # a dry run writes nothing
+
+
+def test_reused_name_with_another_definition_is_refused(tmp_path, in_tmp, capsys):
+    run_worker(write_sweep(tmp_path / "a.yaml"))
+    journal = Path("runs/t/optuna.journal")
+    size = journal.stat().st_size
+    other = write_sweep(tmp_path / "b.yaml", parameters={"seed": {"values": [0, 1]}})
+    assert main(["sweep", str(other), "--wandb", "disabled"]) == 2
+    assert "different sweep definition (differs in: parameters)" in capsys.readouterr().err
+    assert journal.stat().st_size == size
+
+
+def test_unreachable_storage_is_named(tmp_path, in_tmp, capsys):
+    file = write_sweep(tmp_path / "s.yaml")
+    url = "postgresql://nobody@127.0.0.1:9/nodb"
+    assert main(["sweep", str(file), "--storage", url, "--wandb", "disabled"]) == 2
+    err = capsys.readouterr().err
+    assert "host 127.0.0.1, port 9, database nodb" in err
+    assert not Path("runs").exists()
+
+
+# --- running ---------------------------------------------------------------------------------
+
+
+def test_two_workers_complete_every_cell_once_and_a_rerun_adds_nothing(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml", parameters={"seed": {"values": [0, 1]}})
+    cmd = [sys.executable, "-m", "ablations.cli", "sweep", str(file), "--workers", "2",
+           "--wandb", "disabled"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    study = load()
+    cells = complete_cells(study)
+    assert len(cells) == 4 and len(set(cells)) == 4
+    assert len(study.get_trials()) == 4
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0 and "nothing left to run" in again.stdout
+    assert len(load().get_trials()) == 4
+
+
+def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
+    params = {**FAST, "data.subset": {"value": 2000}, "train.epochs": {"value": 8},
+              "model.variant": {"values": ["all-cnn"]}, "seed": {"values": [0]}}
+    file = write_sweep(tmp_path / "s.yaml", parameters=params)
+    cmd = [sys.executable, "-m", "ablations.cli", "sweep", str(file), "--workers", "1",
+           "--wandb", "disabled"]
+    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    pid = None
+    deadline = time.time() + 120
+    while pid is None and time.time() < deadline:
+        time.sleep(1)
+        if Path("runs/t/optuna.journal").exists():
+            running = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
+            if running and "worker.pid" in running[0].user_attrs:
+                pid = running[0].user_attrs["worker.pid"]
+    assert pid is not None, "no trial started"
+    time.sleep(2)
+    os.kill(pid, signal.SIGKILL)
+    launcher.wait(timeout=60)
+    killed = load().get_trials()[0]
+    assert killed.state == optuna.trial.TrialState.RUNNING  # nobody noticed yet
+
+    # the same command again fails the dead trial and runs its cell again
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    trials = load().get_trials()
+    assert [SW.trial_state(t) for t in trials] == ["failed", "complete"]
+    assert "worker died" in trials[0].user_attrs["error_message"]
+    assert trials[0].user_attrs["cell"] == trials[1].user_attrs["cell"]
+
+
+def test_diverged_trial_is_recorded_not_retried_and_the_sweep_goes_on(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml", parameters={
+        "model.variant": {"value": "all-cnn"}, "model.dropout": {"value": "none"},
+        "train.lr": {"values": [1e12, 0.01]}})
+    run_worker(file)
+    trials = load().get_trials()
+    states = {t.params["train.lr"]: SW.trial_state(t) for t in trials}
+    assert states == {1e12: "diverged", 0.01: "complete"}
+    assert "non-finite" in next(t for t in trials
+                                if t.params["train.lr"] == 1e12).user_attrs["error_message"]
+    run_worker(file)  # resume: the diverged cell is a result, not retried
+    assert len(load().get_trials()) == 2
+
+
+def test_wandb_offline_run_files(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"},
+                                                         "seed": {"values": [3, 4]}})
+    run_worker(file, wandb="offline", limit=1)
+    trial = load().get_trials()[0]
+    run_dirs = list(Path("runs/t/trials").glob("*/wandb/offline-run-*"))
+    assert len(run_dirs) == 1
+    wandb = Path(sys.executable).parent / "wandb"
+    out = subprocess.run([str(wandb), "leet", "inspect", "--json", str(run_dirs[0])],
+                         capture_output=True, text=True, timeout=60)
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["run_group"] == "t" and run["job_type"] == "All-CNN-C"
+    assert run["display_name"] == "All-CNN-C-s3-t0"
+    assert "seed=3" in run["tags"]
+    config = run["config"]["update"]
+    for key in ("model.base", "model.pooling", "train.lr", "data.dataset", "seed", "study",
+                "trial"):
+        assert key in config, key
+    assert any(r["type"] == "history" for r in records)  # per-epoch metrics
+    summary = json.loads(subprocess.run(
+        [str(wandb), "leet", "inspect", "--summary", "--json", str(run_dirs[0])],
+        capture_output=True, text=True, timeout=60).stdout)["summary"]
+    assert summary["test/error"] == pytest.approx(trial.user_attrs["test/error"])
+    assert summary["state"] == "complete"
+    assert trial.user_attrs["wandb_run_id"] == run["run_id"]
+
+
+def test_a_wandb_failure_never_fails_a_trial(tmp_path, in_tmp, monkeypatch):
+    from ablations import wandb_log
+
+    def broken(*a, **k):
+        raise RuntimeError("W&B is down")
+
+    monkeypatch.setattr(wandb_log.SafeWandbLogger, "__init__", broken)
+    run_worker(write_sweep(tmp_path / "s.yaml", parameters={
+        "model.variant": {"value": "all-cnn"}}), wandb="offline")
+    assert [SW.trial_state(t) for t in load().get_trials()] == ["complete"]
+
+
+@pytest.mark.parametrize("method", ["random", "bayes"])
+def test_random_and_bayes_respect_run_cap(tmp_path, in_tmp, method):
+    file = write_sweep(tmp_path / "s.yaml", method=method, run_cap=3, parameters={
+        "model.variant": {"value": "all-cnn"},
+        "train.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.05}})
+    run_worker(file)
+    trials = load().get_trials()
+    assert len(trials) == 3
+    assert all(0.001 <= t.params["train.lr"] <= 0.05 for t in trials)
+    run_worker(file)
+    assert len(load().get_trials()) == 3
+
+
+def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml", method="random", run_cap=40,
+                       early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 4,
+                                        "eta": 2},
+                       parameters={"model.variant": {"value": "all-cnn"},
+                                   "train.epochs": {"value": 4},
+                                   "train.lr": {"values": [1e-9]}})
+    sweep = SF.load(file)
+    study = SW.open_study(sweep, ST.default_url("t", Path("runs")), "t", create=True)
+    # good trials already in the study: low validation error at every epoch
+    dist = {"train.lr": optuna.distributions.CategoricalDistribution([1e-9])}
+    for i in range(30):
+        study.add_trial(optuna.trial.create_trial(
+            params={"train.lr": 1e-9}, distributions=dist, value=5.0 + i * 0.01,
+            intermediate_values={e: 5.0 + i * 0.01 for e in range(4)},
+            # what successive halving records as a trial passes each rung
+            system_attrs={f"completed_rung_{r}": 5.0 + i * 0.01 for r in range(3)},
+            user_attrs={"state": "complete"}))
+    url = ST.default_url("t", Path("runs"))
+    argv = [str(file), "--study", "t", "--storage", url, "--runs-dir", "runs/t", "--wandb",
+            "disabled", "--limit", "33"]
+    assert SW.worker_main(argv) == 0
+    ours = [t for t in load().get_trials() if "worker.pid" in t.user_attrs]
+    # Hyperband's last bracket only judges at max_iter, so not every trial can be pruned;
+    # trials at chance level in the other brackets must be, before their last epoch
+    pruned = [t for t in ours if SW.trial_state(t) == "pruned"]
+    assert pruned, [(t.number, SW.trial_state(t), t.intermediate_values) for t in ours]
+    assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
+
+
+def test_status_prints_totals_and_cells(tmp_path, in_tmp, capsys):
+    run_worker(write_sweep(tmp_path / "s.yaml"))
+    assert main(["status", "t"]) == 0
+    out = capsys.readouterr().out
+    assert "t: 2 done, 0 running, 0 failed trials, 0 left (of 2 cells)" in out
+    assert "complete" in out
+    assert main(["status", "nope"]) == 2
