@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import hashlib
+import os
 from pathlib import Path
 from typing import Any
 
@@ -10,11 +12,20 @@ import numpy as np
 import torch
 
 from datamodules.loader import AUGMENTATIONS, DeviceLoader
-from datamodules.preprocess import PREPROCESSING, cache_key, fitted_stats
+from datamodules.preprocess import CACHE_VERSION, PREPROCESSING, cache_key, fitted_stats
 from datamodules.sources import SOURCES, DataError, RawData
 
 DATASETS = SOURCES
 VAL_AUTO_FRACTION, VAL_AUTO_MAX = 0.1, 5000
+
+
+def _fingerprint(file: str) -> list:
+    """A file's path, size and modification time: a replaced dataset file changes it."""
+    try:
+        st = os.stat(file)
+    except OSError:  # not a file (synthetic data names its generator)
+        return [file]
+    return [file, st.st_size, st.st_mtime_ns]
 
 
 def _choose(table: dict, key: str, value: str) -> None:
@@ -30,7 +41,7 @@ def stratified_take(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, 
     # largest remainders get the leftover images, ties broken by class order
     leftover = n - quota.sum()
     quota[np.argsort(-(exact - quota), kind="stable")[:leftover]] += 1
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(seed % 2**64)  # any int seed, negative ones too
     taken = [rng.permutation(np.flatnonzero(labels == c))[:q] for c, q in zip(classes, quota)]
     taken = np.sort(np.concatenate(taken)) if taken else np.array([], dtype=int)
     rest = np.setdiff1d(np.arange(len(labels)), taken)
@@ -91,42 +102,46 @@ class AllConvDataModule(L.LightningDataModule):
         """Read, split and preprocess on the CPU (once); sets shape, classes and files."""
         if self.splits is not None:
             return
-        raw: RawData = DATASETS[self.data["dataset"]](self.root, self.download)
+        dataset, name = self.data["dataset"], self.data["preprocess"]
+        raw: RawData = DATASETS[dataset](self.root, self.download)
+        _, h, w, c = raw.train_x.shape
+        if h != w:
+            raise DataError(f"{dataset}: images are {h}x{w}; only square ones are supported")
         n_val, n_sub = split_sizes(len(raw.train_y), self.data["val_size"], self.data["subset"])
         val_idx, train_idx = stratified_take(raw.train_y, n_val, self.seed)
         if n_sub < len(train_idx):
             keep, _ = stratified_take(raw.train_y[train_idx], n_sub, self.seed + 1)
             train_idx = train_idx[keep]
         train_x = torch.from_numpy(np.ascontiguousarray(raw.train_x[train_idx]))
-        name = self.data["preprocess"]
+        prep = PREPROCESSING[name]
+        # everything the fit depends on: which files (and their versions), which images of
+        # them, the method and its constants; any change gives a new key, hence a refit
         key = cache_key(
-            dataset=self.data["dataset"],
-            files=raw.files,
-            n=len(raw.train_y),
+            version=CACHE_VERSION,
+            dataset=dataset,
+            files=[_fingerprint(f) for f in raw.files],
+            shape=list(raw.train_x.shape),
+            train_images=hashlib.sha256(train_idx.astype(np.int64).tobytes()).hexdigest(),
             val=n_val,
             subset=n_sub,
             seed=self.seed,
             preprocess=name,
-            shape=list(raw.train_x.shape),
+            constants=prep.constants,
         )
-        self.stats, self.stats_source = fitted_stats(name, train_x, self.root / "cache", key)
-        apply = PREPROCESSING[name][1]
+        self.stats, self.stats_source = fitted_stats(
+            name, train_x, self.root / "cache", key, prefix=f"{dataset}-"
+        )
 
-        def prep(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-            t = apply(torch.from_numpy(np.ascontiguousarray(x)), self.stats)
+        def prepped(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
+            t = prep.apply(torch.from_numpy(np.ascontiguousarray(x)), self.stats)
             # NHWC memory viewed as NCHW: the channels-last layout, with no copy
-            return t.permute(0, 3, 1, 2), torch.from_numpy(y).long()
+            return t.permute(0, 3, 1, 2), torch.from_numpy(np.asarray(y, dtype=np.int64))
 
         self.splits = {
-            "train": prep(raw.train_x[train_idx], raw.train_y[train_idx]),
-            "val": prep(raw.train_x[val_idx], raw.train_y[val_idx]),
-            "test": prep(raw.test_x, raw.test_y),
+            "train": prepped(raw.train_x[train_idx], raw.train_y[train_idx]),
+            "val": prepped(raw.train_x[val_idx], raw.train_y[val_idx]),
+            "test": prepped(raw.test_x, raw.test_y),
         }
-        _, h, w, c = raw.train_x.shape
-        if h != w:
-            raise DataError(
-                f"{self.data['dataset']}: images are {h}x{w}; only square ones are supported"
-            )
         self.in_channels, self.in_size = c, h
         self.num_classes = len(raw.class_names)
         self.class_names = raw.class_names

@@ -6,6 +6,7 @@ and augmentation vectorised over the batch (after airbench).
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Iterator
 
 import torch
@@ -36,8 +37,22 @@ AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 }
 
 
+def stream_seed(*parts: int) -> int:
+    """One 63-bit seed per (seed, epoch, stream, ...): distinct streams never share a seed."""
+    digest = hashlib.blake2b(repr(parts).encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") >> 1
+
+
 class DeviceLoader:
-    """Iterates (images, labels) batches of tensors that already live on the device."""
+    """Iterates (images, labels) batches of tensors that already live on the device.
+
+    Training (`shuffle=True`): each epoch is one permutation drawn on the device from
+    (seed, epoch); under DDP every rank draws the same one and takes every world_size-th
+    image of it, so the shards are disjoint, and all ranks get len // world_size images and
+    the same number of steps (the few left over differ from epoch to epoch).
+    Evaluation (`shuffle=False`): every image exactly once across the ranks, in as many
+    batches on every rank.
+    """
 
     def __init__(
         self,
@@ -52,6 +67,8 @@ class DeviceLoader:
         world_size: int = 1,
         channels_last: bool = True,
     ) -> None:
+        if augment not in AUGMENTATIONS:
+            raise ValueError(f"augment={augment!r}: valid values are {', '.join(AUGMENTATIONS)}")
         self.x, self.y = x, y
         self.batch_size = batch_size
         self.shuffle = shuffle
@@ -61,9 +78,20 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.epoch = 0
 
+    # Lightning calls `sampler.set_epoch(epoch)` on a loader before each training epoch, as
+    # for a DistributedSampler; so the order follows the trainer's epoch, resumed runs too.
+    @property
+    def sampler(self) -> DeviceLoader:
+        return self
+
+    batch_sampler = None
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
     def _per_rank(self) -> int:
-        # every rank gets the same number of images so DDP steps stay in lockstep
-        return len(self.x) // self.world_size if self.world_size > 1 else len(self.x)
+        n, w = len(self.x), self.world_size
+        return n // w if self.shuffle else -(-n // w)
 
     def __len__(self) -> int:
         return -(-self._per_rank() // self.batch_size)
@@ -73,24 +101,29 @@ class DeviceLoader:
         dev = self.x.device
         n = len(self.x)
         if self.shuffle:
-            gen = torch.Generator(device=dev).manual_seed(self.seed * 100_003 + epoch)
+            gen = torch.Generator(device=dev).manual_seed(stream_seed(self.seed, epoch, 0))
             order = torch.randperm(n, device=dev, generator=gen)
+            order = order[: self._per_rank() * self.world_size]
         else:
             order = torch.arange(n, device=dev)
-        if self.world_size > 1:
-            order = order[: self._per_rank() * self.world_size][self.rank :: self.world_size]
-        return order
+        return order[self.rank :: self.world_size]
+
+    def batches(self, epoch: int) -> list[torch.Tensor]:
+        """This rank's index batches for `epoch`."""
+        order = self.indices(epoch)
+        if self.world_size > 1 and not self.shuffle:
+            # eval shards differ by up to one image; equal batch counts keep ranks in step
+            return [b for b in order.tensor_split(len(self)) if len(b)]
+        return list(order.split(self.batch_size))
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         epoch = self.epoch
-        self.epoch += 1
-        order = self.indices(epoch)
+        self.epoch += 1  # for plain iteration; Lightning sets it through set_epoch
         gen = None
         if self.augment is not None:
             gen = torch.Generator(device=self.x.device)
-            gen.manual_seed(self.seed * 100_003 + epoch + 7919 * (self.rank + 1))
-        for start in range(0, len(order), self.batch_size):
-            idx = order[start : start + self.batch_size]
+            gen.manual_seed(stream_seed(self.seed, epoch, 1, self.rank))
+        for idx in self.batches(epoch):
             xb, yb = self.x[idx], self.y[idx]
             if gen is not None:
                 xb = self.augment(xb, gen)

@@ -1,0 +1,357 @@
+"""Dataset readers: tiny archives in the official formats come back exactly."""
+
+import gzip
+import pickle
+
+import numpy as np
+import pytest
+import torch
+
+from datamodules import AllConvDataModule, DataError
+from datamodules import sources as src
+
+CIFAR10_NAMES = [
+    "airplane",
+    "automobile",
+    "bird",
+    "cat",
+    "deer",
+    "dog",
+    "frog",
+    "horse",
+    "ship",
+    "truck",
+]
+
+
+# --- writers for the official formats (used by the other test_data_* files too) ----------
+
+
+def cifar_rows(x: np.ndarray) -> np.ndarray:
+    """(N, 32, 32, 3) -> the archive's (N, 3072) rows: 1024 red, 1024 green, 1024 blue."""
+    n = len(x)
+    return np.concatenate([x[..., ch].reshape(n, 1024) for ch in range(3)], axis=1)
+
+
+def _dump(path, obj) -> None:
+    with open(path, "wb") as f:
+        pickle.dump(obj, f, protocol=2)  # the originals are Python 2 cPickle, protocol 2
+
+
+def write_cifar10(root, per_batch=6, n_test=10, seed=0):
+    """The cifar-10-batches-py layout under root; returns the images and labels written."""
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-10-batches-py"
+    folder.mkdir(parents=True)
+    out = {}
+    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
+        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        y = np.arange(n) % 10  # every class in every batch, so stratified splits work
+        rng.shuffle(y)
+        _dump(
+            folder / name,
+            {
+                b"batch_label": f"{name} of 5".encode(),
+                b"labels": [int(v) for v in y],  # a list, as in the originals
+                b"data": cifar_rows(x),
+                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+            },
+        )
+        out[name] = (x, y)
+    _dump(
+        folder / "batches.meta",
+        {
+            b"num_cases_per_batch": per_batch,
+            b"label_names": [n.encode() for n in CIFAR10_NAMES],
+            b"num_vis": 3072,
+        },
+    )
+    train = [out[f"data_batch_{i}"] for i in range(1, 6)]
+    return (
+        np.concatenate([x for x, _ in train]),
+        np.concatenate([y for _, y in train]),
+        *out["test_batch"],
+    )
+
+
+def write_cifar100(root, n_train=300, n_test=100, seed=0):
+    rng = np.random.default_rng(seed)
+    folder = root / "cifar-100-python"
+    folder.mkdir(parents=True)
+    out = []
+    for name, n in (("train", n_train), ("test", n_test)):
+        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
+        y = np.arange(n) % 100
+        rng.shuffle(y)
+        _dump(
+            folder / name,
+            {
+                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
+                b"batch_label": name.encode(),
+                b"fine_labels": [int(v) for v in y],
+                b"coarse_labels": [int(v) // 5 for v in y],
+                b"data": cifar_rows(x),
+            },
+        )
+        out += [x, y]
+    fine = [f"fine{i:02d}" for i in range(100)]
+    _dump(
+        folder / "meta",
+        {
+            b"fine_label_names": [n.encode() for n in fine],
+            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
+        },
+    )
+    return (*out, fine)
+
+
+def idx_bytes(a: np.ndarray) -> bytes:
+    """The IDX format: 0, 0, type 0x08 (unsigned byte), ndim, big-endian sizes, the bytes."""
+    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(d.to_bytes(4, "big") for d in a.shape)
+    return header + np.ascontiguousarray(a, dtype=np.uint8).tobytes()
+
+
+def write_idx(path, a: np.ndarray) -> None:
+    data = idx_bytes(a)
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+def write_fashion(folder, n_train=100, n_test=40, size=28, gz=(True, False, True, False), seed=0):
+    """The four Fashion-MNIST IDX files, each gzipped or not as `gz` says."""
+    rng = np.random.default_rng(seed)
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = {
+        "train_x": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
+        "train_y": (np.arange(n_train) % 10).astype(np.uint8),
+        "test_x": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
+        "test_y": (np.arange(n_test) % 10).astype(np.uint8),
+    }
+    for (key, stem), zipped in zip(src.FASHION_FILES.items(), gz):
+        write_idx(folder / (stem + (".gz" if zipped else "")), arrays[key])
+    return arrays
+
+
+@pytest.fixture
+def no_debian(tmp_path, monkeypatch):
+    """Hide the Debian Fashion-MNIST package, as on a machine without it."""
+    monkeypatch.setattr(src, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+
+
+# --- CIFAR -----------------------------------------------------------------------------------
+
+
+def test_cifar10_archive_round_trip(tmp_path):
+    train_x, train_y, test_x, test_y = write_cifar10(tmp_path)
+    raw = src.load_cifar("cifar10", tmp_path, download=False)
+    assert raw.train_x.dtype == np.uint8 and raw.train_x.shape == (30, 32, 32, 3)
+    np.testing.assert_array_equal(raw.train_x, train_x)
+    np.testing.assert_array_equal(raw.train_y, train_y)
+    np.testing.assert_array_equal(raw.test_x, test_x)
+    np.testing.assert_array_equal(raw.test_y, test_y)
+    assert raw.class_names == CIFAR10_NAMES
+    folder = tmp_path / "cifar-10-batches-py"
+    assert raw.files == [str(folder / f"data_batch_{i}") for i in range(1, 6)] + [
+        str(folder / "test_batch"),
+        str(folder / "batches.meta"),
+    ]
+
+
+def test_cifar_row_layout_is_planes_of_rows():
+    # byte k of a row is channel k // 1024, image row (k % 1024) // 32, column k % 32
+    row = (np.arange(3072) % 251).astype(np.uint8)[None]
+    x = row.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    for k in (0, 1, 31, 32, 1023, 1024, 2048 + 5 * 32 + 7, 3071):
+        assert x[0, (k % 1024) // 32, k % 32, k // 1024] == row[0, k]
+    np.testing.assert_array_equal(cifar_rows(x), row)
+
+
+def test_cifar100_fine_labels_and_names(tmp_path):
+    train_x, train_y, test_x, test_y, fine = write_cifar100(tmp_path)
+    raw = src.load_cifar("cifar100", tmp_path, download=False)
+    np.testing.assert_array_equal(raw.train_x, train_x)
+    np.testing.assert_array_equal(raw.train_y, train_y)
+    np.testing.assert_array_equal(raw.test_x, test_x)
+    np.testing.assert_array_equal(raw.test_y, test_y)
+    assert raw.class_names == fine and len(raw.class_names) == 100
+
+
+def test_datamodule_keeps_class_names_and_shapes(tmp_path):
+    write_cifar100(tmp_path)
+    dm = AllConvDataModule(
+        dict(
+            dataset="cifar100",
+            dir=str(tmp_path),
+            preprocess="standardize",
+            augment="none",
+            val_size=100,
+            subset=None,
+        ),
+        download=False,
+    )
+    dm.load()
+    assert dm.class_names[:2] == ["fine00", "fine01"] and dm.num_classes == 100
+    assert (dm.in_channels, dm.in_size) == (3, 32)
+    x, y = dm.splits["train"]
+    assert x.shape == (200, 3, 32, 32) and x.is_contiguous(memory_format=torch.channels_last)
+    assert len(dm.splits["val"][1]) == 100 and len(dm.splits["test"][1]) == 100
+    assert sorted(y.bincount().tolist()) == [2] * 100  # the held-out 100 took one per class
+
+
+def test_truncated_cifar_batch_names_the_file(tmp_path):
+    write_cifar10(tmp_path)
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
+    batch.write_bytes(batch.read_bytes()[:5000])
+    with pytest.raises(DataError, match=r"data_batch_3: not a readable CIFAR pickle.*truncated"):
+        src.load_cifar("cifar10", tmp_path, download=False)
+
+
+def test_cifar_batch_of_the_wrong_shape(tmp_path):
+    write_cifar10(tmp_path)
+    _dump(
+        tmp_path / "cifar-10-batches-py" / "test_batch",
+        {b"labels": [0, 1], b"data": np.zeros((2, 3000), np.uint8)},
+    )
+    with pytest.raises(DataError, match=r"test_batch: data has shape \(2, 3000\)"):
+        src.load_cifar("cifar10", tmp_path, download=False)
+
+
+def test_cifar_labels_outside_the_names(tmp_path):
+    write_cifar10(tmp_path)
+    _dump(
+        tmp_path / "cifar-10-batches-py" / "data_batch_5",
+        {b"labels": [0, 10], b"data": np.zeros((2, 3072), np.uint8)},
+    )
+    with pytest.raises(DataError, match=r"data_batch_5: labels run from 0 to 10, but there are 10"):
+        src.load_cifar("cifar10", tmp_path, download=False)
+
+
+def test_cifar_absent_says_where_it_looked_and_how_to_get_it(tmp_path):
+    with pytest.raises(DataError) as err:
+        src.load_cifar("cifar100", tmp_path / "data", download=True)  # ALLCONV_OFFLINE is set
+    msg = str(err.value)
+    assert str(tmp_path / "data" / "cifar-100-python") in msg
+    assert "cifar-100-python.tar.gz" in msg and "unpack it in" in msg
+    assert "ALLCONV_OFFLINE" in msg
+    assert not (tmp_path / "data").exists()
+
+
+def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
+    monkeypatch.delenv("ALLCONV_OFFLINE")
+
+    def fetch(tmp):
+        (tmp / "cifar-10-python.tar.gz").write_bytes(b"half an archive")
+        raise OSError("connection reset")
+
+    root = tmp_path / "a" / "b"
+    why = src._download(root, fetch, root / "cifar-10-batches-py")
+    assert "connection reset" in why
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_download_moves_the_files_into_place(tmp_path, monkeypatch):
+    monkeypatch.delenv("ALLCONV_OFFLINE")
+
+    def fetch(tmp):
+        (tmp / "raw").mkdir()
+        (tmp / "raw" / "a").write_bytes(b"x")
+        return tmp / "raw"
+
+    assert src._download(tmp_path, fetch, tmp_path / "fashion-mnist") is None
+    assert [p.name for p in tmp_path.iterdir()] == ["fashion-mnist"]
+    assert (tmp_path / "fashion-mnist" / "a").read_bytes() == b"x"
+
+
+# --- Fashion-MNIST IDX -----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("suffix", ["", ".gz"])
+def test_idx_round_trip(tmp_path, suffix):
+    a = np.random.default_rng(1).integers(0, 256, (7, 5, 3), dtype=np.uint8)
+    write_idx(tmp_path / f"x{suffix}", a)
+    got = src.read_idx(tmp_path / f"x{suffix}")
+    np.testing.assert_array_equal(got, a)
+    assert got.flags.writeable
+
+
+def test_fashion_mnist_from_data_dir(tmp_path, no_debian):
+    arrays = write_fashion(tmp_path / "fashion-mnist")
+    raw = src.load_fashion_mnist(tmp_path, download=False)
+    np.testing.assert_array_equal(raw.train_x[..., 0], arrays["train_x"])
+    np.testing.assert_array_equal(raw.train_y, arrays["train_y"])
+    np.testing.assert_array_equal(raw.test_x[..., 0], arrays["test_x"])
+    np.testing.assert_array_equal(raw.test_y, arrays["test_y"])
+    assert raw.train_x.shape == (100, 28, 28, 1) and raw.train_y.dtype == np.int64
+    assert raw.class_names[0] == "T-shirt/top" and raw.class_names[9] == "Ankle boot"
+    assert [p.rsplit("/", 1)[1] for p in raw.files] == [
+        "train-images-idx3-ubyte.gz",
+        "train-labels-idx1-ubyte",
+        "t10k-images-idx3-ubyte.gz",
+        "t10k-labels-idx1-ubyte",
+    ]
+
+
+def test_fashion_mnist_falls_back_to_the_debian_package(tmp_path, monkeypatch):
+    debian = tmp_path / "usr-share-datasets"
+    write_fashion(debian, gz=(True,) * 4)
+    monkeypatch.setattr(src, "DEBIAN_FASHION_MNIST", debian)
+    raw = src.load_fashion_mnist(tmp_path / "empty", download=False)
+    assert all(f.startswith(str(debian)) for f in raw.files)
+    assert not (tmp_path / "empty").exists()
+
+
+def test_fashion_mnist_absent(tmp_path, no_debian):
+    with pytest.raises(DataError) as err:
+        src.load_fashion_mnist(tmp_path / "data", download=True)
+    msg = str(err.value)
+    assert "fashion-mnist not found" in msg and "apt-get install dataset-fashion-mnist" in msg
+    assert str(tmp_path / "data" / "fashion-mnist") in msg
+    assert str(tmp_path / "no-debian-package") in msg
+    assert not (tmp_path / "data").exists()
+
+
+def _corrupt(path, how):
+    data = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else path.read_bytes()
+    if how == "truncate":
+        data = data[:-17]
+    elif how == "magic":
+        data = b"\x00\x00\x0d\x03" + data[4:]  # type 0x0D: floats, not bytes
+    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
+
+
+@pytest.mark.parametrize(
+    "stem,how,message",
+    [
+        ("train-labels-idx1-ubyte", "truncate", r"91 bytes, but the header's shape \(100,\)"),
+        (
+            "train-images-idx3-ubyte.gz",
+            "truncate",
+            r"bytes, but the header's shape \(100, 28, 28\)",
+        ),
+        ("t10k-labels-idx1-ubyte", "magic", r"bad magic number 00000d03"),
+    ],
+)
+def test_malformed_idx_names_the_file_and_the_fault(tmp_path, no_debian, stem, how, message):
+    write_fashion(tmp_path / "fashion-mnist")
+    _corrupt(tmp_path / "fashion-mnist" / stem, how)
+    with pytest.raises(DataError, match=stem.replace(".", r"\.") + ": " + message):
+        src.load_fashion_mnist(tmp_path, download=False)
+
+
+def test_cut_gzip_and_plain_file_named_gz(tmp_path):
+    a = np.zeros((10, 4, 4), np.uint8)
+    write_idx(tmp_path / "cut.gz", a)
+    (tmp_path / "cut.gz").write_bytes((tmp_path / "cut.gz").read_bytes()[:30])
+    with pytest.raises(DataError, match=r"cut\.gz: cannot be read .*truncated"):
+        src.read_idx(tmp_path / "cut.gz")
+    (tmp_path / "gzipped").write_bytes(gzip.compress(idx_bytes(a)))
+    with pytest.raises(DataError, match=r"gzipped: bad magic number 1f8b.*name it \.gz"):
+        src.read_idx(tmp_path / "gzipped")
+
+
+def test_idx_images_and_labels_disagree(tmp_path, no_debian):
+    write_fashion(tmp_path / "fashion-mnist")
+    write_idx(tmp_path / "fashion-mnist" / "t10k-labels-idx1-ubyte", np.zeros(39, np.uint8))
+    with pytest.raises(
+        DataError, match=r"t10k-images-idx3-ubyte\.gz: images of shape \(40, 28, 28\)"
+    ):
+        src.load_fashion_mnist(tmp_path, download=False)
