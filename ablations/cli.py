@@ -6,7 +6,6 @@ import argparse
 import json
 import math
 import sys
-from collections.abc import Callable
 
 from datamodules import DataError
 from lightning_modules.family import SpecError
@@ -19,22 +18,11 @@ class UsageError(ValueError):
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
+    from ablations.export import ExportError
     from ablations.settings import SettingsError
+    from ablations.sweep_file import SweepError
 
-    errors: list[type[Exception]] = [UsageError, SettingsError, SpecError, DataError]
-    try:
-        from ablations.sweep_file import SweepError
-
-        errors.append(SweepError)
-    except ImportError:
-        pass
-    try:
-        from ablations.export import ExportError
-
-        errors.append(ExportError)
-    except ImportError:
-        pass
-    return tuple(errors)
+    return (UsageError, SettingsError, SpecError, DataError, SweepError, ExportError)
 
 
 def _json_default(value: object) -> object:
@@ -168,8 +156,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    for _name, register in _more_commands():
-        register(sub)
+    from ablations import export, sweep
+
+    sweep.register_cli(sub)
+    export.register_cli(sub)
     return parser
 
 
@@ -177,23 +167,6 @@ def _setting_keys() -> list[str]:
     from ablations.settings import SCHEMA
 
     return list(SCHEMA)
-
-
-def _more_commands() -> list[tuple[str, Callable]]:
-    out = []
-    try:
-        from ablations import sweep
-
-        out.append(("sweep", sweep.register_cli))
-    except ImportError:
-        pass
-    try:
-        from ablations import export
-
-        out.append(("export", export.register_cli))
-    except ImportError:
-        pass
-    return out
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -450,20 +450,13 @@ def launch(args: argparse.Namespace) -> int:
 
 
 def _closing_table(study: optuna.Study, sweep: SF.Sweep, mode: str, runs_dir: Path) -> None:
-    """One `ablation-table` W&B run per finished sweep (the export module adds the summary)."""
+    """The exports under runs/<study>/export, and one `ablation-table` W&B run."""
+    from ablations import export
+
     try:
-        from ablations import export
-
         export.log_to_wandb(study, sweep, mode, runs_dir)
-    except ImportError:
-        import pandas as pd
-
-        rows = [{"trial": t.number, "state": trial_state(t), **t.params,
-                 **{k: t.user_attrs.get(k) for k in ("model.name", "val/error", "test/error")}}
-                for t in study.get_trials(deepcopy=False)]
-        wandb_log.log_table(mode, study=study.study_name, project=sweep.project,
-                            entity=sweep.entity, save_dir=runs_dir,
-                            tables={"trials": pd.DataFrame(rows)})
+    except Exception as err:  # the sweep's results are in the study whatever happens here
+        print(f"closing export/W&B table failed: {err}", file=sys.stderr)
 
 
 def _worker_lines(status_dir: Path, n: int) -> list[dict[str, Any]]:
