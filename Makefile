@@ -25,10 +25,11 @@ data:
 test: setup
 	$(BIN)/pytest
 
+# The quickstart sweep (resumable: run it again to continue), then its exports.
 demo: setup data
-	$(BIN)/ablate models
-	$(BIN)/ablate train model.base=C model.variant=all-cnn data.dataset=synthetic \
-	  model.width=0.25 train.epochs=2
+	$(BIN)/ablate sweep sweeps/quickstart.yaml --workers 2
+	$(BIN)/ablate status quickstart
+	$(BIN)/ablate export quickstart
 
 lint: setup
 	$(BIN)/ruff check .

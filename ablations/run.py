@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import re
@@ -28,13 +29,17 @@ TRAIN_KEYS = ("lr", "lr_gamma", "momentum", "weight_decay", "epochs", "compile")
 class EpochRecorder(Callback):
     """Times the training batches of each epoch (not validation) and keeps the curves.
 
-    It reads metrics once per epoch, so it adds one host sync per epoch, none per step.
+    It reads metrics once per epoch, so it adds one host sync per epoch, none per step. Rank 0
+    also writes what it saw to `epochs.json`, which is how the launching process learns it
+    when DDP ran the fit in spawned processes.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, path: Path | None = None) -> None:
+        self.path = path
         self.train_seconds = 0.0
         self.train_images = 0
         self.history: list[dict[str, float]] = []
+        self.diverged: str | None = None
         self._t0: float | None = None
 
     def _sync(self, pl_module: L.LightningModule) -> None:
@@ -52,8 +57,8 @@ class EpochRecorder(Callback):
         self.train_seconds += time.perf_counter() - self._t0
         self._t0 = None
         loader = trainer.train_dataloader
-        n = len(loader.x) if hasattr(loader, "x") else 0
-        self.train_images += n // max(1, getattr(loader, "world_size", 1))
+        if hasattr(loader, "x"):  # every rank's images: the throughput of the whole trial
+            self.train_images += len(loader.indices(0)) * loader.world_size
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -66,6 +71,22 @@ class EpochRecorder(Callback):
             if k.startswith(("train/", "val/")):
                 row[k] = float(v)
         self.history.append(row)
+        self.diverged = getattr(pl_module, "diverged", None)
+        if self.path is not None and trainer.is_global_zero:
+            tmp = self.path.with_suffix(".tmp")
+            tmp.write_text(json.dumps(self.state()))
+            os.replace(tmp, self.path)
+
+    def state(self) -> dict:
+        return {"train_seconds": self.train_seconds, "train_images": self.train_images,
+                "history": self.history, "diverged": self.diverged}
+
+    def load(self) -> None:
+        """Take rank 0's record when the fit ran in other processes."""
+        if not self.history and self.path is not None and self.path.exists():
+            saved = json.loads(self.path.read_text())
+            self.train_seconds, self.train_images = saved["train_seconds"], saved["train_images"]
+            self.history, self.diverged = saved["history"], saved["diverged"]
 
 
 def git_commit() -> str | None:
@@ -152,12 +173,15 @@ def train(
     accelerator = settings["train.accelerator"]
     use_cuda = accelerator in ("gpu", "auto") and torch.cuda.is_available()
     precision = resolve_precision(settings["train.precision"], "cuda" if use_cuda else "cpu")
-    recorder = EpochRecorder()
+    recorder = EpochRecorder(run_dir / "epochs.json")
     trainer = L.Trainer(
         max_epochs=settings["train.epochs"],
         accelerator="gpu" if use_cuda else "cpu",
         devices=devices,
-        strategy=strategy,
+        # ddp_spawn, not ddp: ddp re-runs the command line in every rank, and a sweep worker
+        # re-run would claim trials of its own. Spawned ranks get rank 0's pickled module, so
+        # all ranks train the same settings; only this process talks to Optuna and W&B.
+        strategy=strategy if devices == 1 or strategy != "auto" else "ddp_spawn",
         precision=precision,
         logger=[CSVLogger(run_dir, name="", version="lightning"), *(loggers or [])],
         callbacks=[
@@ -180,8 +204,10 @@ def train(
     trainer.fit(module, datamodule=dm)
     fit_seconds = time.perf_counter() - t0
 
+    recorder.load()
+    diverged = module.diverged or recorder.diverged
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    state, message = ("diverged", module.diverged) if module.diverged else ("complete", None)
+    state, message = ("diverged", diverged) if diverged else ("complete", None)
     for cb in callbacks or []:  # e.g. a pruner that stopped the fit
         if getattr(cb, "stop_state", None) and state == "complete":
             state, message = cb.stop_state, cb.stop_message

@@ -207,7 +207,7 @@ def _suggest(trial: optuna.Trial, sweep: SF.Sweep) -> dict[str, Any]:
 
 
 def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: SF.Sweep, *, runs_dir: Path,
-              wandb_mode: str, status: StatusFile) -> str:
+              wandb_mode: str, status: StatusFile, devices: int = 1) -> str:
     """Train one trial and record it in the study; returns its state."""
     from ablations import run
 
@@ -235,7 +235,7 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: SF.Sweep, *, runs
         try:
             result = run.train(settings, run_dir, loggers=[logger] if logger else [],
                                callbacks=callbacks, progress=False,
-                               prepared=(dm, module, flat))
+                               prepared=(dm, module, flat), devices=devices)
             state = result["state"]
         except Exception as err:
             result = {"error_message": f"{type(err).__name__}: {err}"}
@@ -282,6 +282,7 @@ def worker_main(argv: list[str] | None = None) -> int:
     p.add_argument("--wandb", default="offline", choices=wandb_log.MODES)
     p.add_argument("--limit", type=int, default=None, help="stop once the study has this many")
     p.add_argument("--status", default=None)
+    p.add_argument("--devices-per-trial", type=int, default=1)
     args = p.parse_args(argv)
     from ablations import run
 
@@ -291,17 +292,36 @@ def worker_main(argv: list[str] | None = None) -> int:
     status = StatusFile(Path(args.status) if args.status else None, args.worker)
     status.write(state="starting")
     runs_dir = Path(args.runs_dir)
-    while True:
-        trial = _claim(study, sweep, args.storage, args.limit)
-        if trial is None:
-            break
-        if trial == "wait":
-            status.write(state="waiting")
-            time.sleep(2)
-            continue
-        run_trial(study, trial, sweep, runs_dir=runs_dir, wandb_mode=args.wandb, status=status)
+    try:
+        while True:
+            trial = _claim(study, sweep, args.storage, args.limit)
+            if trial is None:
+                break
+            if trial == "wait":
+                status.write(state="waiting")
+                time.sleep(2)
+                continue
+            run_trial(study, trial, sweep, runs_dir=runs_dir, wandb_mode=args.wandb,
+                      status=status, devices=args.devices_per_trial)
+    except Exception as err:
+        if not _is_storage_error(err):
+            raise
+        # the study is where results live: without it, stop; the same command resumes
+        status.write(state="storage lost")
+        print(f"worker {args.worker}: storage {ST.describe_url(args.storage)} failed: "
+              f"{type(err).__name__}: {str(err).splitlines()[0]}; stopping. Run the same "
+              "command again when it is back: finished trials are kept, this one is re-run.",
+              file=sys.stderr)
+        return 3
     status.write(state="done", cell=None)
     return 0
+
+
+def _is_storage_error(err: BaseException) -> bool:
+    import sqlalchemy.exc
+
+    return isinstance(err, sqlalchemy.exc.SQLAlchemyError | OSError) or (
+        err.__cause__ is not None and _is_storage_error(err.__cause__))
 
 
 # --- the launcher ----------------------------------------------------------------------------
@@ -389,6 +409,16 @@ def launch(args: argparse.Namespace) -> int:
     runs_dir = Path(args.runs_dir) / study_name
     url = args.storage or ST.default_url(study_name, Path(args.runs_dir))
     gpus = _gpus(args.devices) if args.devices not in (None, "cpu") else []
+    k = args.devices_per_trial
+    if k < 1:
+        raise SF.SweepError(f"--devices-per-trial {k}: give at least 1")
+    if k > 1 and sweep.hyperband is not None:
+        raise SF.SweepError("early_terminate (hyperband) with --devices-per-trial > 1 is not "
+                            "supported: pruning decisions would have to cross processes")
+    if gpus and len(gpus) % k:
+        raise SF.SweepError(f"--devices-per-trial {k} does not divide the {len(gpus)} GPUs "
+                            f"({','.join(gpus)})")
+    groups = [",".join(gpus[i: i + k]) for i in range(0, len(gpus), k)]
     if args.dry_run:
         dry_run(sweep, study_name, url)
         return 0
@@ -405,8 +435,8 @@ def launch(args: argparse.Namespace) -> int:
         print(f"{study_name}: nothing left to run ({before['done']}/{before['cells']} done, "
               f"{before['failed']} failed trials); storage {url}")
         return 0
-    n = len(gpus) if gpus else args.workers
-    threads = max(1, (os.cpu_count() or 1) // n)
+    n = len(groups) if gpus else args.workers
+    threads = max(1, (os.cpu_count() or 1) // (n * (1 if gpus else k)))
     limit = None
     if args.max_trials is not None:
         limit = len(study.get_trials(deepcopy=False)) + args.max_trials
@@ -416,11 +446,12 @@ def launch(args: argparse.Namespace) -> int:
     for i in range(n):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         if gpus:
-            env["CUDA_VISIBLE_DEVICES"] = gpus[i]
+            env["CUDA_VISIBLE_DEVICES"] = groups[i]
         cmd = [sys.executable, "-m", "ablations.sweep", args.file, "--study", study_name,
                "--storage", url, "--runs-dir", str(runs_dir), "--worker", str(i),
                "--threads", str(threads), "--wandb", wandb_mode,
-               "--status", str(status_dir / f"worker-{i}.json")]
+               "--status", str(status_dir / f"worker-{i}.json"),
+               "--devices-per-trial", str(k)]
         if limit is not None:
             cmd += ["--limit", str(limit)]
         log_path = runs_dir / "logs" / f"worker-{i}.log"
@@ -617,6 +648,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes")
     p.add_argument("--devices", default=None,
                    help="auto or a GPU list (0,1,...): one worker per GPU")
+    p.add_argument("--devices-per-trial", type=int, default=1, metavar="K",
+                   help="GPUs (or CPU processes) per trial, trained with Lightning DDP")
     p.add_argument("--max-trials", type=int, default=None, help="start at most this many")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their cost")
     p.add_argument("--wandb", choices=wandb_log.MODES, default=None,

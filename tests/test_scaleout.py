@@ -1,0 +1,186 @@
+"""Several machines on one PostgreSQL study, stale-trial recovery, and DDP inside a trial.
+
+Worker processes stand in for machines (each its own ALLCONV_HOST, so none can check the
+others' pids and only the heartbeat tells a dead one); gloo stands in for NCCL.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+from lightning.pytorch.callbacks import Callback
+
+from ablations import settings as S
+from ablations import storage as ST
+from ablations import sweep as SW
+from ablations.cli import main
+from tests.test_sweeps import FAST, write_sweep
+
+pytestmark = pytest.mark.slow
+
+
+def sweep_cmd(file, url, workers=1):
+    return [sys.executable, "-m", "ablations.cli", "sweep", str(file), "--storage", url,
+            "--workers", str(workers), "--wandb", "disabled"]
+
+
+def env_for(host, **extra):
+    return dict(os.environ, ALLCONV_HOST=host, ALLCONV_HEARTBEAT_S="1", ALLCONV_GRACE_S="5",
+                **extra)
+
+
+def trials_of(url, name="t"):
+    return optuna.load_study(study_name=name, storage=url).get_trials()
+
+
+def wait_for_running(url, timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        try:
+            running = [t for t in trials_of(url)
+                       if t.state == optuna.trial.TrialState.RUNNING
+                       and "worker.pid" in t.user_attrs]
+        except KeyError:
+            running = []
+        if running:
+            return running[0]
+        time.sleep(0.5)
+    raise AssertionError("no trial started")
+
+
+def test_unreachable_postgres_names_host_port_database(tmp_path, in_tmp, capsys, postgres):
+    file = write_sweep(tmp_path / "s.yaml")
+    url = f"postgresql://postgres@127.0.0.1:{postgres.port}/no_such_db"
+    assert main(["sweep", str(file), "--storage", url, "--wandb", "disabled"]) == 2
+    err = capsys.readouterr().err
+    assert f"host 127.0.0.1, port {postgres.port}, database no_such_db" in err
+    assert 'database "no_such_db" does not exist' in err
+
+
+def test_four_machines_race_on_one_grid(tmp_path, in_tmp, postgres):
+    url = postgres.create_db("race")
+    file = write_sweep(tmp_path / "s.yaml", parameters={
+        "model.variant": {"values": ["base", "all-cnn"]}, "seed": {"values": [0, 1, 2, 3]}})
+    procs = [subprocess.Popen(sweep_cmd(file, url), env=env_for(f"machine{i}"),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+             for i in range(4)]
+    for p in procs:
+        assert p.wait(timeout=600) == 0, p.stderr.read()
+    trials = trials_of(url)
+    cells = [t.user_attrs["cell"] for t in trials if SW.trial_state(t) == "complete"]
+    assert len(cells) == 8 and len(set(cells)) == 8
+    assert len(trials) == 8
+    assert len({t.user_attrs["worker.host"] for t in trials}) >= 2
+
+
+def test_sigkilled_machine_is_noticed_by_heartbeat_and_its_cell_rerun(tmp_path, in_tmp,
+                                                                      postgres):
+    url = postgres.create_db("kill")
+    file = write_sweep(tmp_path / "s.yaml", parameters={
+        **FAST, "data.subset": {"value": 2000}, "train.epochs": {"value": 6},
+        "model.variant": {"values": ["all-cnn"]}, "seed": {"values": [0, 1]}})
+    first = subprocess.Popen(sweep_cmd(file, url), env=env_for("doomed"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    victim = wait_for_running(url)
+    os.kill(victim.user_attrs["worker.pid"], signal.SIGKILL)
+    first.wait(timeout=60)
+    out = subprocess.run(sweep_cmd(file, url), env=env_for("survivor"), capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    trials = trials_of(url)
+    by_state = {}
+    for t in trials:
+        by_state.setdefault(SW.trial_state(t), []).append(t)
+    assert len(by_state["complete"]) == 2
+    assert len({t.user_attrs["cell"] for t in by_state["complete"]}) == 2
+    dead = by_state["failed"]
+    assert len(dead) == 1 and dead[0].user_attrs["worker.host"] == "doomed"
+    assert dead[0].user_attrs["cell"] in {t.user_attrs["cell"] for t in by_state["complete"]}
+
+
+def test_database_going_away_mid_sweep_then_coming_back(tmp_path, in_tmp, postgres):
+    url = postgres.create_db("outage")
+    file = write_sweep(tmp_path / "s.yaml", parameters={
+        **FAST, "data.subset": {"value": 1000}, "train.epochs": {"value": 3},
+        "model.variant": {"values": ["base", "all-cnn"]}, "seed": {"values": [0, 1]}})
+    sweep = subprocess.Popen(sweep_cmd(file, url), env=env_for("m"),
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        done = [t for t in trials_of(url) if SW.trial_state(t) == "complete"]
+        if done:
+            break
+        time.sleep(0.5)
+    assert done, "no trial finished"
+    kept = {t.number: t.user_attrs["test/error"] for t in done}
+    postgres.stop()
+    try:
+        assert sweep.wait(timeout=300) != 0
+        log = Path("runs/t/logs/worker-0.log").read_text()
+        assert "failed" in log and "Run the same command again" in log
+    finally:
+        postgres.start()
+    out = subprocess.run(sweep_cmd(file, url), env=env_for("m"), capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr
+    trials = trials_of(url)
+    complete = [t for t in trials if SW.trial_state(t) == "complete"]
+    assert len({t.user_attrs["cell"] for t in complete}) == 4 and len(complete) == 4
+    for number, err in kept.items():
+        assert trials[number].user_attrs["test/error"] == err
+
+
+class RankReport(Callback):
+    """Each rank writes what it trains with (module level: spawned ranks unpickle it)."""
+
+    def __init__(self, folder):
+        self.folder = folder
+
+    def on_train_start(self, trainer, pl_module):
+        loader = trainer.train_dataloader
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps({
+            "hparams": dict(pl_module.hparams), "world": trainer.world_size,
+            "shard": loader.indices(0).tolist()}))
+
+
+def test_ddp_trial_on_two_cpu_ranks(tmp_path, in_tmp):
+    from ablations import run
+
+    settings = S.resolve({k: v["value"] for k, v in FAST.items()} | {
+        "model.variant": "all-cnn", "train.epochs": 1})
+    result = run.train(settings, tmp_path / "run", devices=2, progress=False,
+                       callbacks=[RankReport(tmp_path)])
+    assert result["state"] == "complete" and result["epochs_run"] == 1
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0]["hparams"] == ranks[1]["hparams"]
+    assert ranks[0]["world"] == 2
+    a, b = set(ranks[0]["shard"]), set(ranks[1]["shard"])
+    assert not a & b and len(a) == len(b) == 256 // 2
+    assert 0 <= result["test/error"] <= 100
+
+
+def test_ddp_sweep_trial_logs_one_wandb_run_and_one_result(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"},
+                                                         "seed": {"values": [0]}})
+    out = subprocess.run([sys.executable, "-m", "ablations.cli", "sweep", str(file),
+                          "--devices-per-trial", "2", "--wandb", "offline"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    trials = trials_of(ST.default_url("t", Path("runs")))
+    assert [SW.trial_state(t) for t in trials] == ["complete"]
+    assert trials[0].user_attrs["wandb_run_id"]
+    assert len(list(Path("runs/t/trials").glob("*/wandb/offline-run-*"))) == 1
+
+
+def test_devices_naming_a_missing_gpu(tmp_path, in_tmp, capsys, monkeypatch):
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
+    file = write_sweep(tmp_path / "s.yaml")
+    assert main(["sweep", str(file), "--devices", "0,3", "--wandb", "disabled"]) == 2
+    assert "no GPU 3; visible GPUs: 0, 1" in capsys.readouterr().err
+    assert not Path("runs").exists()
