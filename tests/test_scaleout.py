@@ -112,11 +112,13 @@ def test_database_going_away_mid_sweep_then_coming_back(tmp_path, in_tmp, postgr
     sweep = subprocess.Popen(sweep_cmd(file, url), env=env_for("m"),
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 300
-    while time.time() < deadline:
-        done = [t for t in trials_of(url) if SW.trial_state(t) == "complete"]
-        if done:
-            break
+    done = []
+    while time.time() < deadline and not done:
         time.sleep(0.5)
+        try:
+            done = [t for t in trials_of(url) if SW.trial_state(t) == "complete"]
+        except KeyError:  # the study is not created yet
+            continue
     assert done, "no trial finished"
     kept = {t.number: t.user_attrs["test/error"] for t in done}
     postgres.stop()
