@@ -529,8 +529,8 @@ def _watch(study: optuna.Study, sweep: SF.Sweep, procs: list, status_dir: Path,
         elapsed = time.time() - t0
         eta = "?"
         if finished > 0 and tot["left"] + tot["running"] > 0:
-            per = elapsed / finished
-            secs = per * (tot["left"] + tot["running"]) / max(1, len(procs))
+            # trials finish at `finished / elapsed` a second; running ones are half done
+            secs = (tot["left"] + tot["running"] / 2) * elapsed / finished
             eta = time.strftime("%H:%M:%S", time.gmtime(secs))
         elif tot["left"] + tot["running"] == 0:
             eta = "0"
