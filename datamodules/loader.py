@@ -14,26 +14,53 @@ import torch
 MAX_SHIFT = 5  # px, the paper's translations for the augmented CIFAR-10 result
 
 
+class FlipTranslate:
+    """Flip half the images left-right, shift each by up to 5 px in x and y, zero fill.
+
+    Built once per loader: the images (channels-last) with their mirror images beside them,
+    each row zero padded by 5 px left and right, and one zero row at the end. Every output
+    row is then one contiguous window of that store (its row, flipped or not, shifted, or
+    the zero row), so a whole batch is a single `index_select` of rows, one pass over the
+    batch's memory; the store is 2.6x the images' memory. Selecting, flipping, padding and
+    gathering per batch took 6 passes and a per-element gather: 8x slower on a CPU thread
+    (benchmarks/loader.py), and on a busy machine each extra parallel op waits for a core.
+    """
+
+    def __init__(self, x: torch.Tensor) -> None:
+        n, c, h, w = x.shape
+        m = MAX_SHIFT
+        self.n, self.h, self.w, self.c, self.row = n, h, w, c, w + 2 * m
+        store = x.new_zeros(2 * n * h + 1, self.row, c)
+        images = store[: 2 * n * h].view(2, n, h, self.row, c)
+        nhwc = x.permute(0, 2, 3, 1)
+        images[0, :, :, m : m + w] = nhwc
+        images[1, :, :, m : m + w] = nhwc.flip(2)
+        self.zero_row = 2 * n * h * self.row  # the first pixel of the zero row
+        # window k: the w pixels (w * c values) from pixel k on; windows overlap, no copy
+        self.windows = store.view(-1).as_strided((store.numel() // c - w + 1, w * c), (c, 1))
+
+    def __call__(self, idx: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        b, h, dev = len(idx), self.h, idx.device
+        flip = torch.rand(b, device=dev, generator=gen) < 0.5
+        shift = torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (2, b), device=dev, generator=gen)
+        rows = torch.arange(h, device=dev) - shift[0][:, None]  # (B, H) source rows
+        image = idx + self.n * flip  # the mirror images follow the originals
+        start = (image[:, None] * h + rows) * self.row + (MAX_SHIFT - shift[1])[:, None]
+        start = torch.where((rows >= 0) & (rows < h), start, self.zero_row)
+        out = self.windows.index_select(0, start.flatten()).view(b, h, self.w, self.c)
+        return out.permute(0, 3, 1, 2)  # NHWC memory viewed as NCHW: channels-last
+
+
 def flip_translate(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Flip half the images left-right, shift each by up to 5 px in x and y, zero fill."""
-    b, c, h, w = x.shape
-    dev = x.device
-    flip = torch.rand(b, device=dev, generator=gen) < 0.5
-    x = torch.where(flip[:, None, None, None], x.flip(3), x)
-    shift = torch.randint(-MAX_SHIFT, MAX_SHIFT + 1, (2, b), device=dev, generator=gen)
-    padded = torch.nn.functional.pad(x, (MAX_SHIFT,) * 4)
-    rows = torch.arange(h, device=dev) + MAX_SHIFT - shift[0][:, None]  # (B, H)
-    cols = torch.arange(w, device=dev) + MAX_SHIFT - shift[1][:, None]  # (B, W)
-    batch = torch.arange(b, device=dev)[:, None, None]
-    # advanced indices around a slice put their dims first: (B, H, W, C), which permuted
-    # back to (B, C, H, W) is exactly the channels-last layout the model runs in
-    out = padded[batch, :, rows[:, :, None], cols[:, None, :]]
-    return out.permute(0, 3, 1, 2)
+    """One batch through FlipTranslate: (B, C, H, W) in, channels-last (B, C, H, W) out."""
+    return FlipTranslate(x)(torch.arange(len(x), device=x.device), gen)
 
 
-AUGMENTATIONS: dict[str, Callable[[torch.Tensor, torch.Generator], torch.Tensor] | None] = {
+# name -> what a loader builds from its images once; it then maps (indices, generator) to
+# an augmented batch
+AUGMENTATIONS: dict[str, Callable[[torch.Tensor], FlipTranslate] | None] = {
     "none": None,
-    "flip-translate": flip_translate,
+    "flip-translate": FlipTranslate,
 }
 
 
@@ -73,6 +100,7 @@ class DeviceLoader:
         self.batch_size = batch_size
         self.shuffle = shuffle
         self.augment = AUGMENTATIONS[augment]
+        self._augmenter: FlipTranslate | None = None  # built on first use, kept for all epochs
         self.seed = seed
         self.rank, self.world_size = rank, world_size
         self.channels_last = channels_last
@@ -121,12 +149,15 @@ class DeviceLoader:
         self.epoch += 1  # for plain iteration; Lightning sets it through set_epoch
         gen = None
         if self.augment is not None:
+            if self._augmenter is None:
+                self._augmenter = self.augment(self.x)
             gen = torch.Generator(device=self.x.device)
             gen.manual_seed(stream_seed(self.seed, epoch, 1, self.rank))
         for idx in self.batches(epoch):
-            xb, yb = self.x[idx], self.y[idx]
             if gen is not None:
-                xb = self.augment(xb, gen)
-            elif self.channels_last:
-                xb = xb.contiguous(memory_format=torch.channels_last)
-            yield xb, yb
+                xb = self._augmenter(idx, gen)
+            else:
+                xb = self.x[idx]
+                if self.channels_last:
+                    xb = xb.contiguous(memory_format=torch.channels_last)
+            yield xb, self.y[idx]

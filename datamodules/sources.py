@@ -324,7 +324,7 @@ def make_synthetic(
     channels: int = 3,
     classes: int = 10,
     seed: int = 1234,
-    noise: float = 0.5,
+    noise: float = 0.1,
 ) -> RawData:
     """Each class is a grating with its own orientation, frequency and colour, at a random
     phase, under pixel noise: learnable by a conv net in a few hundred steps, not by one pixel.
@@ -356,7 +356,9 @@ def make_synthetic(
         test_x,
         test_y,
         [f"class{i}" for i in range(classes)],
-        [f"synthetic(seed={seed})"],
+        # the generator and its arguments stand in for a file (provenance and cache key)
+        [f"synthetic-v2(n_train={n_train}, n_test={n_test}, size={size}, channels={channels}, "
+         f"classes={classes}, seed={seed}, noise={noise})"],
     )
 
 

@@ -325,7 +325,7 @@ def _corrupt(path, how):
         (
             "train-images-idx3-ubyte.gz",
             "truncate",
-            r"bytes, but the header's shape \(100, 28, 28\)",
+            r"78399 bytes, but the header's shape \(100, 28, 28\)",
         ),
         ("t10k-labels-idx1-ubyte", "magic", r"bad magic number 00000d03"),
     ],

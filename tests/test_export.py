@@ -94,7 +94,7 @@ def test_summary_means_and_stds(study):
     assert len(summary) == 4  # variant x lr
     for _, row in summary.iterrows():
         v, lr = row["model.variant"], row["train.lr"]
-        ok = [s for s in SEEDS if not (v, lr, s) in {("base", 0.1, 2), ("all-cnn", 0.01, 1)}]
+        ok = [s for s in SEEDS if (v, lr, s) not in {("base", 0.1, 2), ("all-cnn", 0.01, 1)}]
         vals = [10 + 3 * VARIANTS.index(v) + 100 * lr + s * 0.5 for s in ok]
         assert row["n"] == len(ok)
         assert row["n_failed"] == 3 - len(ok)
