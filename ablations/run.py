@@ -129,6 +129,8 @@ def prepare(
     settings: dict[str, Any], download: bool = True
 ) -> tuple[AllConvDataModule, AllConvModule, dict[str, Any]]:
     """Load the data and build the module; every check that can fail happens here."""
+    # seeded here, before the weights are drawn, not only in train()
+    L.seed_everything(settings["seed"], workers=False, verbose=False)
     data = {k.removeprefix("data."): v for k, v in settings.items() if k.startswith("data.")}
     dm = AllConvDataModule(
         data,

@@ -357,8 +357,10 @@ def make_synthetic(
         test_y,
         [f"class{i}" for i in range(classes)],
         # the generator and its arguments stand in for a file (provenance and cache key)
-        [f"synthetic-v2(n_train={n_train}, n_test={n_test}, size={size}, channels={channels}, "
-         f"classes={classes}, seed={seed}, noise={noise})"],
+        [
+            f"synthetic-v2(n_train={n_train}, n_test={n_test}, size={size}, channels={channels}, "
+            f"classes={classes}, seed={seed}, noise={noise})"
+        ],
     )
 
 

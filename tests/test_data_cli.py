@@ -168,8 +168,14 @@ def last_json(out: str) -> dict:
 
 def test_train_records_the_files_it_read_and_refits_a_corrupt_cache(capsys, in_tmp, no_debian):
     fashion_16(in_tmp)
-    args = ["train", "--quiet", "data.dir=data", "data.dataset=fashion-mnist",
-            "data.preprocess=gcn-zca", *TINY_RUN]
+    args = [
+        "train",
+        "--quiet",
+        "data.dir=data",
+        "data.dataset=fashion-mnist",
+        "data.preprocess=gcn-zca",
+        *TINY_RUN,
+    ]
     code, out, err = run_cli(capsys, *args)
     assert code == 0, err
     result = last_json(out)

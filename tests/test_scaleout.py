@@ -174,7 +174,7 @@ def test_ddp_sweep_trial_logs_one_wandb_run_and_one_result(tmp_path, in_tmp):
                           "--devices-per-trial", "2", "--wandb", "offline"],
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
-    trials = trials_of(ST.default_url("t", Path("runs")))
+    trials = trials_of(ST.open_storage(ST.default_url("t", Path("runs"))))
     assert [SW.trial_state(t) for t in trials] == ["complete"]
     assert trials[0].user_attrs["wandb_run_id"]
     assert len(list(Path("runs/t/trials").glob("*/wandb/offline-run-*"))) == 1
