@@ -31,6 +31,10 @@ demo: setup data
 	$(BIN)/ablate status quickstart
 	$(BIN)/ablate export quickstart
 
+# CPU benchmarks, side by side in one process each; JSON in benchmarks/results/ (< 10 min).
+bench: setup
+	$(BIN)/python -m benchmarks.run_all --out benchmarks/results
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .

@@ -1,0 +1,400 @@
+"""The GPU check: one command, under 5 minutes, that says how fast the pipeline trains on this
+GPU and what the paper's protocol and Table 3 sweep will cost on it.
+
+    python -m benchmarks.gpu_check --out DIR
+
+On an NVIDIA GPU it measures, for All-CNN-C at width 1.0, channels-last:
+  - training images/s of the bare loop at batch 128 and 512, fp32 and bf16, with and without
+    torch.compile (compile time reported apart);
+  - the pipeline (ablations.run.train, as `ablate train` runs it) at batch 128 and 512 with
+    train.precision=auto, and with train.compile=true, against the bare loop;
+  - host syncs per training step in the pipeline (torch.cuda sync debug mode);
+  - evaluation images/s (no gradients, batch 1024) and the device loader's images/s;
+  - the bare loop's images/s for each of the 12 Table 3 models;
+and projects the wall time of the 350-epoch protocol on CIFAR-10 (45000 training images,
+5000 validation images each epoch, 10000 test images once) and of sweeps/paper_table3.yaml on
+one GPU. Steps are sized for an H100-class card; anything left when --budget seconds are spent
+is skipped and listed. On a CPU it runs the same code shortened (width 0.125, tiny batches,
+no compile), so a test covers it; its figures then describe nothing.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import time
+import warnings
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import torch
+from lightning.pytorch.callbacks import Callback
+
+from ablations import run
+from ablations import settings as S
+from ablations import sweep_file as SF
+from benchmarks import common as C
+from benchmarks.loader import device_loader_ips
+from datamodules import DeviceLoader
+from lightning_modules.family import build, paper_presets
+from lightning_modules.module import resolve_precision
+
+ROOT = Path(__file__).resolve().parent.parent
+PROTOCOL = {"epochs": 350, "train": 45000, "val": 5000, "test": 10000}
+
+# Batch sizes (bare loop; pipeline), timed and warm-up steps, training images, model width,
+# epochs of each pipeline run (the first is its warm-up), images for the eval figures.
+SIZES = {
+    "cuda": {
+        "batches": (128, 512),
+        "pipeline_batches": (128, 512),
+        "steps": {128: 100, 512: 40},
+        "warmup": 10,
+        "subset": 7168,
+        "width": 1.0,
+        "epochs": 4,
+        "eval_images": 7168,
+    },
+    "cpu": {
+        "batches": (16, 32),
+        "pipeline_batches": (16,),
+        "steps": {16: 2, 32: 2},
+        "warmup": 1,
+        "subset": 32,
+        "width": 0.125,
+        "epochs": 3,
+        "eval_images": 32,
+    },
+}
+
+
+class EpochClock(Callback):
+    """Per epoch after the first: training seconds and images, validation seconds, and the
+    wall time from one epoch's start to the next. Syncs at those points only."""
+
+    def __init__(self) -> None:
+        self.epochs: list[dict[str, float]] = []
+        self._t: dict[str, float] = {}
+
+    def _now(self, pl_module) -> float:
+        C.sync(pl_module.device)
+        return time.perf_counter()
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        now = self._now(pl_module)
+        if "start" in self._t and trainer.current_epoch >= 2:
+            self.epochs[-1]["wall"] = now - self._t["start"]
+        self._t = {"start": now, "images": 0}
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._t["images"] += len(batch[1])
+        if batch_idx == trainer.num_training_batches - 1:
+            self._t["train_end"] = self._now(pl_module)
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            self._t["val_start"] = self._now(pl_module)
+
+    def on_validation_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.sanity_checking or "val_start" not in self._t:
+            return
+        now = self._now(pl_module)
+        if trainer.current_epoch >= 1:
+            self.epochs.append(
+                {
+                    "train": self._t["train_end"] - self._t["start"],
+                    "images": self._t["images"],
+                    "val": now - self._t["val_start"],
+                }
+            )
+
+    def summary(self) -> dict[str, float]:
+        done = [e for e in self.epochs if "wall" in e]
+        train = sum(e["train"] for e in self.epochs)
+        out = {"images_per_second": sum(e["images"] for e in self.epochs) / train}
+        if done:  # what an epoch costs beyond its training and validation batches
+            out["epoch_fixed_seconds"] = C.median([e["wall"] - e["train"] - e["val"] for e in done])
+        return out
+
+
+class SyncCounter(Callback):
+    """Counts the host syncs CUDA's sync debug mode reports during the training batches of
+    the second epoch, and where in the code they come from."""
+
+    def __init__(self) -> None:
+        self.count: int | None = None
+        self.steps = 0
+        self.where: dict[str, int] = {}
+        self._cm = None
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        if trainer.current_epoch == 1 and pl_module.device.type == "cuda":
+            self._cm = warnings.catch_warnings(record=True)
+            self._log = self._cm.__enter__()
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self._cm is not None:
+            self.steps += 1
+
+    def on_validation_epoch_start(self, trainer, pl_module) -> None:
+        if self._cm is None:
+            return
+        torch.cuda.set_sync_debug_mode("default")
+        self._cm.__exit__(None, None, None)
+        self._cm = None
+        syncs = [w for w in self._log if "synchroniz" in str(w.message)]
+        self.count = len(syncs)
+        for w in syncs:
+            key = f"{Path(w.filename).name}:{w.lineno}"
+            self.where[key] = self.where.get(key, 0) + 1
+
+
+def paper_settings(size: dict[str, Any], root: Path, **overrides: Any) -> dict[str, Any]:
+    """sweeps/paper_table3.yaml's fixed settings, on synthetic data of the same shape."""
+    sweep = SF.load(ROOT / "sweeps" / "paper_table3.yaml")
+    return S.resolve(
+        {
+            **sweep.base,
+            **C.ALL_CNN_C,
+            "model.width": size["width"],
+            "data.subset": size["subset"],
+            "data.dir": str(root / "data"),
+            "train.epochs": size["epochs"],
+            **overrides,
+        }
+    )
+
+
+def pipeline(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
+    clock, syncs = EpochClock(), SyncCounter()
+    t0 = time.perf_counter()
+    result = run.train(settings, run_dir, callbacks=[clock, syncs], progress=True)
+    out = {
+        **clock.summary(),
+        "fit_seconds": result["fit_seconds"],
+        "run_seconds": round(time.perf_counter() - t0, 1),
+    }
+    if syncs.count is not None:
+        out["host_syncs_per_step"] = round(syncs.count / max(1, syncs.steps), 3)
+        out["host_sync_sites"] = syncs.where
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = C.parser(__doc__.splitlines()[0])
+    p.add_argument("--budget", type=float, default=240, help="seconds; the rest is skipped")
+    p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
+    p.add_argument(
+        "--device",
+        choices=("auto", "cuda", "cpu"),
+        default="auto",
+        help="cpu: the shortened run, even where a GPU is present (the test's)",
+    )
+    args = p.parse_args(argv)
+
+    C.set_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="bench-gpu-check-") as tmp:
+        return run_check(args, Path(tmp))
+
+
+def run_check(args, root: Path) -> dict[str, Any]:
+    t_start = time.perf_counter()
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("gpu_check --device cuda: no CUDA device is visible")
+    cuda = args.device != "cpu" and torch.cuda.is_available()
+    device = "cuda" if cuda else "cpu"
+    size = SIZES[device]
+    compile_runs = cuda and not args.no_compile
+    torch.backends.cudnn.benchmark = cuda  # as the pipeline's Trainer(benchmark=...) sets it
+    settings = paper_settings(size, root, **{"train.accelerator": "auto" if cuda else "cpu"})
+    auto = resolve_precision(settings["train.precision"], device)
+    dm, module, _ = run.prepare(settings)
+    x, y = (t.to(device) for t in dm.splits["train"])
+    spec = module.spec
+    skipped: list[str] = []
+    figures: dict[str, Any] = {"shortened": not cuda, "auto_precision": auto}
+
+    def budget_left(what: str) -> bool:
+        if time.perf_counter() - t_start < args.budget:
+            return True
+        skipped.append(what)
+        print(f"  skipped (time budget): {what}")
+        return False
+
+    def log(key: str, value: Any) -> None:
+        print(f"  [{time.perf_counter() - t_start:5.1f} s] {key}: {value}")
+
+    # the loader alone, as the datamodule builds it for training
+    loader = DeviceLoader(x, y, 128, shuffle=True, augment="flip-translate")
+    figures["loader_images_per_second"] = round(device_loader_ips(loader, 3))
+    log("loader flip-translate images/s", figures["loader_images_per_second"])
+    del loader
+
+    # the bare loop: batch x precision, eager
+    bare: dict[str, float] = {}
+    compile_seconds: dict[str, float] = {}
+
+    def bare_run(batch: int, precision: str, compiled: bool) -> None:
+        key = f"batch {batch} {precision}" + (" compile" if compiled else "")
+        if not budget_left(f"bare {key}"):
+            return
+        t0 = time.perf_counter()
+        bare[key] = round(
+            C.bare_train(
+                spec,
+                x,
+                y,
+                batch_size=batch,
+                steps=size["steps"][batch],
+                warmup=size["warmup"],
+                precision=precision,
+                compile=compiled,
+            ),
+            1,
+        )
+        if compiled:  # the warm-up steps hold the compilation
+            compile_seconds[key] = round(time.perf_counter() - t0, 1)
+        log(f"bare {key} images/s", bare[key])
+
+    for batch in size["batches"]:
+        for precision in ("32-true", "bf16-mixed"):
+            bare_run(batch, precision, False)
+
+    # the pipeline, as `ablate train` runs it, at the default settings and at batch 512
+    piped: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, float] = {}
+
+    def pipeline_run(batch: int, compiled: bool) -> None:
+        key = f"batch {batch} {auto}" + (" compile" if compiled else "")
+        if not budget_left(f"pipeline {key}"):
+            return
+        s = {**settings, "train.batch_size": batch, "train.compile": compiled}
+        piped[key] = pipeline(s, root / f"pipeline-{len(piped)}")
+        ips = piped[key]["images_per_second"]
+        piped[key]["images_per_second"] = round(ips, 1)
+        if key in bare:
+            ratios[key] = round(ips / bare[key], 3)
+        log(f"pipeline {key}", piped[key])
+
+    for batch in size["pipeline_batches"]:
+        pipeline_run(batch, False)
+
+    # evaluation as validation runs it, and as a naive loop would
+    net = build(spec).to(device).to(memory_format=torch.channels_last)
+    xe, ye = x[: size["eval_images"]], y[: size["eval_images"]]
+    evals = {
+        "no_grad batch 1024": round(
+            C.eval_images_per_second(net, xe, ye, batch_size=1024, precision=auto, passes=3), 1
+        ),
+        "grad batch 128": round(
+            C.eval_images_per_second(
+                net, xe, ye, batch_size=128, precision=auto, grad=True, passes=3
+            ),
+            1,
+        ),
+    }
+    log("eval images/s", evals)
+
+    # each Table 3 model, bare, at the sweep's batch and precision; on a CPU the eval speed
+    # is scaled from All-CNN-C's (each new conv shape costs oneDNN a kernel build there)
+    batch0 = size["batches"][0]
+    models: dict[str, dict[str, float]] = {}
+    for name, model_spec in paper_presets().items():
+        if not budget_left(f"paper model {name}"):
+            continue
+        model_spec = replace(model_spec, width=size["width"])
+        train_ips = C.bare_train(
+            model_spec,
+            x,
+            y,
+            batch_size=batch0,
+            steps=size["steps"][batch0] // 2 or 1,
+            warmup=size["warmup"],
+            precision=auto,
+        )
+        if cuda:
+            m = build(model_spec).to(device).to(memory_format=torch.channels_last)
+            eval_ips = C.eval_images_per_second(m, xe, ye, batch_size=1024, precision=auto)
+        else:
+            eval_ips = evals["no_grad batch 1024"] * train_ips / bare[f"batch {batch0} {auto}"]
+        models[name] = {"train": round(train_ips, 1), "eval": round(eval_ips, 1)}
+    log("paper models images/s", models)
+
+    # torch.compile: the costly part, last
+    if compile_runs:
+        for batch in size["batches"]:
+            for precision in ("32-true", "bf16-mixed"):
+                bare_run(batch, precision, True)
+        pipeline_run(batch0, True)
+    else:
+        skipped.append("torch.compile runs (CPU or --no-compile)")
+
+    figures.update(
+        train_images_per_second={"bare": bare, "pipeline": piped},
+        pipeline_vs_bare=ratios,
+        compile_seconds=compile_seconds,
+        eval_images_per_second=evals,
+        paper_models_images_per_second=models,
+    )
+    figures["projection"] = project(piped, bare, evals, models, batch0, auto)
+    figures["skipped"] = skipped
+    figures["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
+    used = {
+        "device": device,
+        "sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.items()},
+        "model": "All-CNN-C" if cuda else "All-CNN-C at width 0.125 (shortened CPU run)",
+        "channels_last": True,
+        "protocol": PROTOCOL,
+        "sweep": "sweeps/paper_table3.yaml",
+        "run_settings": settings,
+    }
+    path = C.write_result("gpu_check", figures, used, args.out)
+    proj = figures["projection"]
+    print(
+        f"projected: 350-epoch protocol {proj.get('protocol_hours')} h, paper_table3 "
+        f"{proj.get('paper_table3_hours_one_gpu')} h on one {C.machine()['gpu'] or 'CPU'}; "
+        f"{figures['elapsed_seconds']} s; wrote {path}"
+    )
+    return figures
+
+
+def project(piped, bare, evals, models, batch, auto) -> dict[str, Any]:
+    """Hours for the protocol (All-CNN-C) and the 48 cells of paper_table3, from the
+    pipeline's measured speed and per-epoch cost; other models scale by their bare speed."""
+    key = f"batch {batch} {auto}"
+    if key not in piped or key not in bare:
+        return {"note": "the pipeline at the default batch was not measured"}
+    p = piped[key]
+    ratio = p["images_per_second"] / bare[key]
+    fixed = p.get("epoch_fixed_seconds", 0.0)
+    eval_ips = evals["no_grad batch 1024"]
+
+    def hours(train_ips: float, eval_ips: float) -> float:
+        epoch = PROTOCOL["train"] / train_ips + PROTOCOL["val"] / eval_ips + fixed
+        return (PROTOCOL["epochs"] * epoch + PROTOCOL["test"] / eval_ips) / 3600
+
+    out: dict[str, Any] = {
+        "protocol_hours": round(hours(p["images_per_second"], eval_ips), 2),
+        "assumes": f"pipeline {p['images_per_second']} train images/s, {eval_ips} eval "
+        f"images/s, {fixed:.2f} s per epoch besides; data loading and ZCA once per run "
+        "not counted",
+    }
+    sweep = SF.load(ROOT / "sweeps" / "paper_table3.yaml")
+    cells, _ = sweep.cells()
+    if models:
+        total = 0.0
+        for cell in cells:
+            name = S.model_spec(S.resolve({**sweep.base, **cell})).name
+            m = models.get(name)
+            if m is None:
+                return {**out, "paper_table3_note": f"model {name} not measured"}
+            total += hours(m["train"] * ratio, m["eval"])
+        out["paper_table3_cells"] = len(cells)
+        out["paper_table3_hours_one_gpu"] = round(total, 1)
+    return out
+
+
+if __name__ == "__main__":
+    main()
