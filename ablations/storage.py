@@ -49,12 +49,16 @@ def describe_url(url: str) -> str:
 def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStorage:
     """A journal file path, or an RDB URL. Unreachable storage raises SweepError."""
     if is_rdb(url):
-        if urlsplit(url).scheme.startswith("postgres"):
+        postgres = urlsplit(url).scheme.startswith("postgres")
+        if postgres:
             check_postgres(url)
         try:
-            return RDBStorage(url, heartbeat_interval=int(HEARTBEAT_S),
-                              grace_period=int(GRACE_S),
-                              engine_kwargs={"pool_pre_ping": True})
+            # Optuna creates its tables on first use; machines starting together on an empty
+            # database would race on CREATE TABLE, so they take turns.
+            with _pg_advisory_lock(url, "optuna-schema") if postgres else contextlib.nullcontext():
+                return RDBStorage(url, heartbeat_interval=int(HEARTBEAT_S),
+                                  grace_period=int(GRACE_S),
+                                  engine_kwargs={"pool_pre_ping": True})
         except Exception as err:
             raise SweepError(f"storage {describe_url(url)} cannot be used: "
                              f"{type(err).__name__}: {err}") from None
@@ -91,17 +95,8 @@ def claim_lock(url: str, study: str) -> Iterator[None]:
     PostgreSQL: a session advisory lock, so workers on different machines agree.
     """
     if is_rdb(url) and urlsplit(url).scheme.startswith("postgres"):
-        import sqlalchemy
-
-        key = zlib.crc32(study.encode())
-        engine = _engine(url)
-        with engine.connect() as conn:
-            conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
-            try:
-                yield
-            finally:
-                conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
-                conn.commit()
+        with _pg_advisory_lock(url, study):
+            yield
         return
     if is_rdb(url):
         path = Path(urlsplit(url).path.lstrip("/") or "optuna.db").with_suffix(".claim.lock")
@@ -114,6 +109,21 @@ def claim_lock(url: str, study: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(f, fcntl.LOCK_UN)
+
+
+@contextlib.contextmanager
+def _pg_advisory_lock(url: str, name: str) -> Iterator[None]:
+    """A PostgreSQL session advisory lock keyed by name: held by one connection at a time."""
+    import sqlalchemy
+
+    key = zlib.crc32(name.encode())
+    with _engine(url).connect() as conn:
+        conn.execute(sqlalchemy.text("SELECT pg_advisory_lock(:k)"), {"k": key})
+        try:
+            yield
+        finally:
+            conn.execute(sqlalchemy.text("SELECT pg_advisory_unlock(:k)"), {"k": key})
+            conn.commit()
 
 
 _ENGINES: dict[str, object] = {}

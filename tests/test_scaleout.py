@@ -63,6 +63,21 @@ def test_unreachable_postgres_names_host_port_database(tmp_path, in_tmp, capsys,
     assert 'database "no_such_db" does not exist' in err
 
 
+def test_machines_starting_together_on_an_empty_database(postgres):
+    """Optuna creates its tables on first use; six machines doing so at one instant must not
+    collide on CREATE TABLE (without the schema lock, most rounds fail)."""
+    code = ("import sys, time; from ablations.storage import open_storage; "
+            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); open_storage(sys.argv[1])")
+    for round in range(3):
+        url = postgres.create_db(f"empty{round}")
+        start = time.time() + 8
+        procs = [subprocess.Popen([sys.executable, "-c", code, url, str(start)],
+                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        errors = [p.stderr.read() for p in procs if p.wait(timeout=120) != 0]
+        assert not errors, errors[0]
+        assert optuna.get_all_study_names(url) == []
+
+
 def test_four_machines_race_on_one_grid(tmp_path, in_tmp, postgres):
     url = postgres.create_db("race")
     file = write_sweep(tmp_path / "s.yaml", parameters={
