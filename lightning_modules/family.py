@@ -306,19 +306,38 @@ class AllConvNet(nn.Module):
 
 
 def init_weights(model: nn.Module) -> None:
-    """He (Kaiming) normal, fan-in, for every conv and linear layer; zero biases.
+    """He (Kaiming) normal, fan-in, zero biases, corrected for what surrounds each layer.
 
     PyTorch's default (uniform, a = sqrt(5)) shrinks the activations layer by layer, and
     these nets, which have no normalisation, then sit at chance for many epochs. He init keeps
-    the forward variance near 1 through all nine layers (tests/test_family.py checks it).
-    Scaling the class-score layer down, as some recipes do, starves the lower layers of
-    gradient here and slows the start: measured, see the README's notes on learning rates.
+    the forward variance near 1 through all nine layers, with two corrections:
+
+    - a layer right after a dropout of rate p is scaled by sqrt(1 - p), since dropout's 1/(1-p)
+      rescaling multiplies the second moment it passes on in training by 1/(1-p) (Hendrycks
+      and Gimpel, 2016). Without it, the paper's dropout makes Model C's training-mode logits
+      four times larger than its eval-mode ones and the start loss about 6.6 instead of ln 10;
+      at learning rate 0.05 and width 0.25 that kills every ReLU in the first epoch;
+    - the class-score layer, which no ReLU follows, gets gain 1 instead of ReLU's sqrt(2).
+
+    Measured on Fashion-MNIST (width 0.25, 10000 images, 2 epochs, lr 0.01): test error 78%
+    with plain He init, 39% with these corrections (README, "Initialisation").
     """
+    dropped = 0.0  # the dropout rate applied since the last weight layer
+    last = None
     for m in model.modules():
-        if isinstance(m, nn.Conv2d | nn.Linear):
+        if isinstance(m, nn.Dropout):
+            dropped = 1 - (1 - dropped) * (1 - m.p)
+        elif isinstance(m, nn.Conv2d | nn.Linear):
             nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
             if m.bias is not None:
                 nn.init.zeros_(m.bias)
+            if dropped:
+                with torch.no_grad():
+                    m.weight.mul_(math.sqrt(1 - dropped))
+            dropped, last = 0.0, m
+    if last is not None:  # modules() walks in forward order: the last one scores the classes
+        with torch.no_grad():
+            last.weight.mul_(math.sqrt(0.5))
 
 
 def build(spec: ModelSpec) -> AllConvNet:

@@ -1,4 +1,5 @@
 import csv
+import math
 from itertools import product
 from pathlib import Path
 
@@ -131,13 +132,45 @@ def test_batch_norm_and_width():
 
 @pytest.mark.parametrize("name", list(F.paper_presets()))
 def test_he_init_keeps_activations_near_unit_scale(name):
-    # the property that lets the paper models train without normalisation layers
-    net = F.build(F.paper_presets()[name]).eval()
-    rms = []
+    # the property that lets the paper models train without normalisation layers, with the
+    # paper's dropout on (training) and off (evaluation)
+    net = F.build(F.paper_presets()[name])
     x = torch.randn(8, 3, 32, 32)
-    for block in net.modules():
-        if isinstance(block, torch.nn.ReLU):
-            block.register_forward_hook(lambda m, i, o: rms.append(o.pow(2).mean().sqrt()))
-    with torch.no_grad():
-        net(x)
-    assert all(0.2 < r < 5 for r in rms), rms  # max pooling lifts it a little
+    for training in (True, False):
+        net.train(training)
+        rms = []
+        hooks = [
+            m.register_forward_hook(lambda m, i, o, rms=rms: rms.append(o.pow(2).mean().sqrt()))
+            for m in net.modules()
+            if isinstance(m, torch.nn.ReLU)
+        ]
+        with torch.no_grad():
+            net(x)
+        for h in hooks:
+            h.remove()
+        assert all(0.2 < r < 5 for r in rms), (training, rms)  # max pooling lifts it a little
+
+
+def test_init_corrects_for_dropout_and_the_class_score_layer():
+    """He fan-in std sqrt(2 / fan_in), times sqrt(1 - p) right after a dropout of rate p, and
+    gain 1 (std sqrt(1 / fan_in)) for the class-score layer, which no ReLU follows."""
+    torch.manual_seed(0)
+    net = F.build(F.ModelSpec(base="C", dropout="paper"))
+    weights = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    first, after_stage1, last = weights[0], weights[2], weights[-1]
+
+    def expected(m, factor):
+        return math.sqrt(2 / (m.weight[0].numel())) * factor
+
+    assert first.weight.std().item() == pytest.approx(expected(first, math.sqrt(0.8)), rel=0.1)
+    assert after_stage1.weight.std().item() == pytest.approx(
+        expected(after_stage1, math.sqrt(0.5)), rel=0.05
+    )
+    assert weights[1].weight.std().item() == pytest.approx(expected(weights[1], 1), rel=0.05)
+    assert last.weight.std().item() == pytest.approx(expected(last, math.sqrt(0.5)), rel=0.1)
+    plain = [
+        m
+        for m in F.build(F.ModelSpec(base="C", dropout="none")).modules()
+        if isinstance(m, torch.nn.Conv2d)
+    ]
+    assert plain[2].weight.std().item() == pytest.approx(expected(plain[2], 1), rel=0.05)

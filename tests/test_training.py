@@ -1,4 +1,5 @@
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -44,10 +45,12 @@ def test_checkpoint_reloads_alone_with_identical_predictions(trained):
 
 
 @pytest.mark.parametrize(
-    "epochs,expected", [(350, [200, 250, 300]), (35, [20, 25, 30]), (7, [4, 5, 6]), (1, [1])]
+    "steps,expected",
+    [(350 * 391, [200 * 391, 250 * 391, 300 * 391]), (140, [80, 100, 120]), (1, [1])],
 )
-def test_milestones_scale_with_epochs(epochs, expected):
-    assert milestones(epochs) == expected
+def test_milestones_scale_with_the_run(steps, expected):
+    # 350 epochs of 391 steps (CIFAR-10 at batch 128): epochs 200, 250 and 300 exactly
+    assert milestones(steps) == expected
 
 
 def test_optimizer_follows_the_settings():
@@ -62,10 +65,12 @@ def test_optimizer_follows_the_settings():
             "compile": False,
         },
     )
+    module._trainer = SimpleNamespace(estimated_stepping_batches=35 * 10)  # 10 steps an epoch
     cfg = module.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
     assert opt.defaults["momentum"] == 0.9 and opt.defaults["weight_decay"] == 1e-3
-    assert sorted(sched.milestones) == [20, 25, 30]
+    assert sorted(sched.milestones) == [200, 250, 300]
+    assert cfg["lr_scheduler"]["interval"] == "step"
 
 
 def test_non_finite_loss_ends_the_run_as_diverged(tmp_path):
