@@ -213,26 +213,21 @@ def _fashion_present() -> bool:
     "(apt-get install dataset-fashion-mnist)",
 )
 def test_a_short_fashion_mnist_run_learns(capsys, in_tmp):
-    # 62 steps: batch norm, no dropout and a constant lr get a width-0.25 net well off chance
-    # in that few; the paper's recipe (no norm, dropout, lr decayed from epoch 200/350 of
-    # the run) needs hundreds of steps before it leaves 90% error
+    # issue 3's done command, the paper's recipe at its defaults (no normalisation, dropout,
+    # lr 0.01): 140 steps; measured 40.6%, 48.3%, 48.6% test error for seeds 0, 1, 2
     code, out, err = run_cli(
         capsys,
         "train",
         "--quiet",
         "data.dir=data",
         "data.dataset=fashion-mnist",
-        "data.subset=2000",
+        "data.subset=10000",
         "model.width=0.25",
-        "model.norm=batch",
-        "model.dropout=none",
         "train.epochs=2",
-        "train.lr=0.05",
-        "train.lr_gamma=1.0",
-        "train.batch_size=64",
     )
     assert code == 0, err
     result = last_json(out)
     assert result["state"] == "complete"
     assert result["test/error"] < 60, result  # chance is 90%
+    assert result["model.name"] == "Model C" and result["epochs_run"] == 2
     assert all(f.startswith(str(sources.DEBIAN_FASHION_MNIST)) for f in result["data.files"])
