@@ -205,23 +205,28 @@ def test_truncated_cifar_batch_names_the_file(tmp_path):
         src.load_cifar("cifar10", tmp_path, download=False)
 
 
-def test_cifar_batch_of_the_wrong_shape(tmp_path):
+@pytest.mark.parametrize(
+    "batch,data,labels,message",
+    [
+        (
+            "test_batch",
+            np.zeros((2, 3000), np.uint8),
+            [0, 1],
+            r"test_batch: data has shape \(2, 3000\)",
+        ),
+        (
+            "data_batch_5",
+            np.zeros((2, 3072), np.uint8),
+            [0, 10],
+            r"data_batch_5: labels run from 0 to 10, but there are 10",
+        ),
+    ],
+    ids=["wrong-shape", "label-outside-the-names"],
+)
+def test_malformed_cifar_batch_names_the_file_and_the_fault(tmp_path, batch, data, labels, message):
     write_cifar10(tmp_path)
-    _dump(
-        tmp_path / "cifar-10-batches-py" / "test_batch",
-        {b"labels": [0, 1], b"data": np.zeros((2, 3000), np.uint8)},
-    )
-    with pytest.raises(DataError, match=r"test_batch: data has shape \(2, 3000\)"):
-        src.load_cifar("cifar10", tmp_path, download=False)
-
-
-def test_cifar_labels_outside_the_names(tmp_path):
-    write_cifar10(tmp_path)
-    _dump(
-        tmp_path / "cifar-10-batches-py" / "data_batch_5",
-        {b"labels": [0, 10], b"data": np.zeros((2, 3072), np.uint8)},
-    )
-    with pytest.raises(DataError, match=r"data_batch_5: labels run from 0 to 10, but there are 10"):
+    _dump(tmp_path / "cifar-10-batches-py" / batch, {b"labels": labels, b"data": data})
+    with pytest.raises(DataError, match=message):
         src.load_cifar("cifar10", tmp_path, download=False)
 
 
