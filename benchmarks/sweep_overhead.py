@@ -11,7 +11,8 @@ A 4-cell grid of short trials (synthetic data, width 0.125, one epoch) runs as a
                        setup, the test pass, W&B, the study's bookkeeping, the closing export.
   in-trial overhead  = a trial's (end - start) - its fit: what each further cell costs.
   fixed              = the rest, per sweep: the launcher's and workers' start-up and the
-                       closing export, shared by however many cells the grid has.
+                       closing export, shared by however many cells the grid has; spread
+                       over paper_table3's 48 cells it gives the overhead per trial there.
 Target: overhead per trial under 10% of a 30-second trial, 3 s.
 """
 
@@ -30,6 +31,7 @@ from typing import Any
 from benchmarks import common as C
 
 TARGET_SECONDS = 3.0  # 10% of a 30-second trial
+CELLS_AT_SCALE = 48  # sweeps/paper_table3.yaml
 
 GRID = """\
 name: {name}
@@ -111,6 +113,10 @@ def one_sweep(root: Path, workers: int, wandb: str, subset: int) -> dict[str, An
         "in_trial_overhead_seconds": round(C.median(in_trial), 2),
         "fixed_seconds_per_sweep": round(workers * wall - sum(spans), 2),
         "overhead_share_of_30s_trial": round(per_trial / 30, 3),
+        # the same fixed costs spread over a grid the size of paper_table3
+        "overhead_per_trial_at_48_cells_seconds": round(
+            C.median(in_trial) + (workers * wall - sum(spans)) / CELLS_AT_SCALE, 2
+        ),
     }
 
 
@@ -149,14 +155,16 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
             f"per trial ({r['in_trial_overhead_seconds']} s in-trial)"
         )
         runs.append(r)
+    for r in runs:
+        r["met"] = r["overhead_per_trial_seconds"] < TARGET_SECONDS
+        r["met_at_48_cells"] = r["overhead_per_trial_at_48_cells_seconds"] < TARGET_SECONDS
     worst = max(r["overhead_per_trial_seconds"] for r in runs)
     marginal = max(r["in_trial_overhead_seconds"] for r in runs)
     figures = {
         "worker_import_seconds": round(imports, 2),
         "runs": runs,
         "target_overhead_per_trial_seconds": TARGET_SECONDS,
-        "met": worst < TARGET_SECONDS,
-        "met_in_trial_only": marginal < TARGET_SECONDS,
+        "met": all(r["met"] for r in runs),
     }
     used = {
         "grid": GRID.format(name="<name>", data_dir="<tmp>/data", subset=args.subset),
