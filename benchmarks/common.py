@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import statistics
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -159,6 +160,13 @@ def set_threads(n: int | None) -> None:
     """Torch's intra-op threads for this process (all sides alike); None keeps the default."""
     if n:
         torch.set_num_threads(n)
+
+
+def in_scratch(run, args, name: str) -> dict[str, Any]:
+    """run(args, folder) with the torch threads set and a scratch folder removed afterwards."""
+    set_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix=f"bench-{name}-") as tmp:
+        return run(args, Path(tmp))
 
 
 # --- the steady-state clock for a Lightning fit -----------------------------------------------

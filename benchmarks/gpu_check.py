@@ -20,7 +20,6 @@ no compile), so a test covers it; its figures then describe nothing.
 
 from __future__ import annotations
 
-import tempfile
 import time
 import warnings
 from dataclasses import replace
@@ -193,10 +192,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="cpu: the shortened run, even where a GPU is present (the test's)",
     )
     args = p.parse_args(argv)
-
-    C.set_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench-gpu-check-") as tmp:
-        return run_check(args, Path(tmp))
+    return C.in_scratch(run_check, args, "gpu-check")
 
 
 def run_check(args, root: Path) -> dict[str, Any]:

@@ -10,7 +10,6 @@ epoch is not timed, so worker start-up is not counted against it.
 
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -77,9 +76,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device-epochs", type=int, default=5, help="epochs per device-loader run")
     args = p.parse_args(argv)
-    C.set_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench-loader-") as tmp:
-        return run_benchmark(args, Path(tmp))
+    return C.in_scratch(run_benchmark, args, "loader")
 
 
 def run_benchmark(args, root: Path) -> dict[str, Any]:

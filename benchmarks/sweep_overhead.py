@@ -23,7 +23,6 @@ import datetime as dt
 import os
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -130,8 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--subset", type=int, default=1024, help="training images per trial")
     args = p.parse_args(argv)
-    with tempfile.TemporaryDirectory(prefix="bench-sweep-") as tmp:
-        return run_benchmark(args, Path(tmp))
+    return C.in_scratch(run_benchmark, args, "sweep")
 
 
 def import_seconds() -> float:

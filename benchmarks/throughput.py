@@ -16,7 +16,6 @@ Every figure is steady state: the first `warmup` steps of each run are not timed
 
 from __future__ import annotations
 
-import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -127,9 +126,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--factor-steps", type=int, default=2)
     p.add_argument("--eval-images", type=int, default=1024)
     args = p.parse_args(argv)
-    C.set_threads(args.threads)
-    with tempfile.TemporaryDirectory(prefix="bench-throughput-") as tmp:
-        return run_benchmark(args, Path(tmp))
+    return C.in_scratch(run_benchmark, args, "throughput")
 
 
 def run_benchmark(args, root: Path) -> dict[str, Any]:
