@@ -132,11 +132,15 @@ class StatusFile(Callback):
         self.info.update(info, worker=self.worker, updated=time.time())
         if self.path is None:
             return
-        tmp = self.path.with_suffix(".tmp")
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # a writer's own, never shared
         tmp.write_text(json.dumps(self.info, default=str))
         os.replace(tmp, self.path)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # under DDP every rank runs this callback; two writers renaming one temporary file
+        # failed a trial (FileNotFoundError), and rank 0's line is the trial's line anyway
+        if not trainer.is_global_zero:
+            return
         val = trainer.callback_metrics.get("val/error")
         self.write(epoch=trainer.current_epoch + 1,
                    val_error=None if val is None else round(float(val), 2))

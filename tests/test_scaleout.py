@@ -190,7 +190,8 @@ def test_ddp_sweep_trial_logs_one_wandb_run_and_one_result(tmp_path, in_tmp):
                          capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     trials = trials_of(ST.open_storage(ST.default_url("t", Path("runs"))))
-    assert [SW.trial_state(t) for t in trials] == ["complete"]
+    assert [SW.trial_state(t) for t in trials] == ["complete"], [
+        t.user_attrs.get("error_message") for t in trials]
     assert trials[0].user_attrs["wandb_run_id"]
     assert len(list(Path("runs/t/trials").glob("*/wandb/offline-run-*"))) == 1
 

@@ -5,9 +5,11 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
+import torch
 import yaml
 
 from ablations import storage as ST
@@ -276,3 +278,18 @@ def test_status_prints_totals_and_cells(tmp_path, in_tmp, capsys):
     assert "t: 2 done, 0 running, 0 failed trials, 0 left (of 2 cells)" in out
     assert "complete" in out
     assert main(["status", "nope"]) == 2
+
+
+def test_worker_status_line_is_written_by_rank_zero_only(tmp_path):
+    """Under DDP every rank runs the callbacks: only rank 0 writes the worker's live line."""
+    path = tmp_path / "worker-0.json"
+    status = SW.StatusFile(path, worker=0)
+    metrics = {"val/error": torch.tensor(12.345)}
+    status.on_train_epoch_end(
+        SimpleNamespace(is_global_zero=False, current_epoch=0, callback_metrics=metrics), None)
+    assert not path.exists()
+    status.on_train_epoch_end(
+        SimpleNamespace(is_global_zero=True, current_epoch=0, callback_metrics=metrics), None)
+    info = json.loads(path.read_text())
+    assert (info["worker"], info["epoch"], info["val_error"]) == (0, 1, 12.35)
+    assert [p.name for p in tmp_path.iterdir()] == ["worker-0.json"]  # no temporary left
