@@ -114,6 +114,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         "model.name",
         "val/error",
         "test/error",
+        "test/error_dropout",
         "params",
         "macs",
         "epochs_run",

@@ -23,7 +23,9 @@ from datamodules import AllConvDataModule
 from lightning_modules.family import count_macs, count_params
 from lightning_modules.module import AllConvModule, resolve_precision
 
-TRAIN_KEYS = ("lr", "lr_gamma", "momentum", "weight_decay", "epochs", "compile")
+TRAIN_KEYS = (
+    "lr", "lr_gamma", "warmup_epochs", "momentum", "weight_decay", "epochs", "compile"
+)
 
 
 class EpochRecorder(Callback):
@@ -213,16 +215,16 @@ def train(
     for cb in callbacks or []:  # e.g. a pruner that stopped the fit
         if getattr(cb, "stop_state", None) and state == "complete":
             state, message = cb.stop_state, cb.stop_message
-    test_error = math.nan
+    tested = [{}]
     if state == "complete":
-        tested = trainer.test(module, datamodule=dm, verbose=False)
-        test_error = float(tested[0]["test/error"]) if tested else math.nan
+        tested = trainer.test(module, datamodule=dm, verbose=False) or [{}]
     val_curve = [(h["epoch"], h["val/error"]) for h in recorder.history if "val/error" in h]
     best = min(val_curve, key=lambda t: t[1]) if val_curve else (None, math.nan)
     result = {
         "state": state,
         "val/error": val_curve[-1][1] if val_curve else math.nan,
-        "test/error": test_error,
+        "test/error": float(tested[0].get("test/error", math.nan)),
+        "test/error_dropout": float(tested[0].get("test/error_dropout", math.nan)),
         "train/loss": metrics.get("train/loss", math.nan),
         "val/loss": metrics.get("val/loss", math.nan),
         "best_val/error": best[1],

@@ -58,6 +58,9 @@ SCHEMA: dict[str, Setting] = {
         _names(family.DROPOUTS),
         "paper: 20% on the input, 50% after each downsampling point",
     ),
+    "model.score_relu": Setting(
+        False, "bool", None, "ReLU on the class-score 1x1 conv, as in the paper's Table 1"
+    ),
     "data.dataset": Setting("cifar10", "str", _names(DATASETS), "dataset"),
     "data.dir": Setting("~/.cache/allconv/data", "str", None, "where datasets live"),
     # standardize by default: cheap and robust on any data; the paper sweeps set gcn-zca
@@ -69,6 +72,9 @@ SCHEMA: dict[str, Setting] = {
     ),
     "data.subset": Setting(None, "int|none", None, "cap on the training images"),
     "train.lr": Setting(0.01, "float", None, "SGD learning rate (paper grid: 0.25 0.1 0.05 0.01)"),
+    "train.warmup_epochs": Setting(
+        0.0, "float", None, "linear lr warm-up from 0, in epochs (not in the paper: 0)"
+    ),
     "train.lr_gamma": Setting(0.1, "float", None, "lr factor at 200, 250, 300 of 350 epochs"),
     "train.momentum": Setting(0.9, "float", None, "SGD momentum"),
     "train.weight_decay": Setting(0.001, "float", None, "L2 weight decay"),
@@ -167,6 +173,8 @@ def resolve(overrides: dict[str, Any]) -> dict[str, Any]:
     for key in ("train.lr", "model.width"):
         if settings[key] <= 0:
             raise SettingsError(f"{key}={settings[key]} must be positive")
+    if settings["train.warmup_epochs"] < 0:
+        raise SettingsError(f"train.warmup_epochs={settings['train.warmup_epochs']} must be >= 0")
     model_spec(settings)  # validates the combination at a nominal input shape
     return settings
 

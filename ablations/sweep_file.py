@@ -15,7 +15,10 @@ from ablations import settings as S
 from lightning_modules.family import SpecError
 
 TOP_KEYS = ("name", "description", "method", "metric", "parameters", "run_cap",
-            "early_terminate", "project", "entity")
+            "early_terminate", "project", "entity", "selection")
+# `selection` is ours, not W&B's: the cells a final sweep retrains, as written by
+# `ablate export --final-sweep` (ablations/export.py), and how they were chosen.
+SELECTION_KEYS = ("study", "by", "over", "cells")
 METHODS = {"grid": "Optuna GridSampler semantics (every cell once)", "random": "RandomSampler",
            "bayes": "TPESampler"}
 GOALS = ("minimize", "maximize")
@@ -24,7 +27,7 @@ PARAM_KEYS = ("value", "values", "distribution", "min", "max")
 DISTRIBUTIONS = ("uniform", "int_uniform", "log_uniform_values", "categorical", "constant")
 EARLY_TERMINATE_KEYS = ("type", "min_iter", "max_iter", "eta")
 # Keys a definition is compared on when a study name is reused; the rest may change.
-DEFINING = ("method", "metric", "parameters", "early_terminate")
+DEFINING = ("method", "metric", "parameters", "early_terminate", "selection")
 
 
 class SweepError(ValueError):
@@ -56,6 +59,7 @@ class Sweep:
     hyperband: dict[str, int] | None = None
     project: str | None = None
     entity: str | None = None
+    selection: dict[str, Any] | None = None
     raw: dict = field(default_factory=dict)
 
     @property
@@ -74,18 +78,28 @@ class Sweep:
         return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
     def cells(self) -> tuple[list[dict[str, Any]], list[tuple[dict[str, Any], str]]]:
-        """Grid: (valid cells, invalid cells with the reason), in the file's order."""
-        keys = self.swept
+        """Grid: (valid cells, invalid cells with the reason), in the file's order.
+
+        With a `selection`, the grid is each selected cell times the other swept values (the
+        seeds, say), not the product of every swept key."""
+        chosen = (self.selection or {}).get("cells") or [{}]
         valid, invalid = [], []
-        for combo in itertools.product(*(self.params[k].values for k in keys)):
-            cell = dict(zip(keys, combo))
-            try:
-                S.resolve({**self.base, **cell})
-            except (S.SettingsError, SpecError) as err:
-                invalid.append((cell, str(err)))
-            else:
-                valid.append(cell)
+        for pick in chosen:
+            keys = [k for k in self.swept if k not in pick]
+            for combo in itertools.product(*(self.params[k].values for k in keys)):
+                cell = {k: v for k, v in pick.items() if k in self.swept}
+                cell.update(zip(keys, combo))
+                cell = {k: cell[k] for k in self.swept}
+                self._check(cell, valid, invalid)
         return valid, invalid
+
+    def _check(self, cell: dict[str, Any], valid: list, invalid: list) -> None:
+        try:
+            S.resolve({**self.base, **cell})
+        except (S.SettingsError, SpecError) as err:
+            invalid.append((cell, str(err)))
+        else:
+            valid.append(cell)
 
     def epochs(self, cell: dict[str, Any]) -> int:
         return int({**S.defaults(), **self.base, **cell}["train.epochs"])
@@ -160,6 +174,37 @@ def _param(key: str, spec: Any) -> Param:
     return Param(key, None, dist, lo, hi)
 
 
+def _selection(raw: Any, params: dict[str, Param]) -> dict[str, Any] | None:
+    """The `selection` block: its cells become swept keys with the values they take."""
+    if raw is None:
+        return None
+    if not isinstance(raw, dict):
+        raise _err(f"selection: expected a mapping with {', '.join(SELECTION_KEYS)}")
+    _check_keys("selection", raw, SELECTION_KEYS)
+    cells = raw.get("cells")
+    if not isinstance(cells, list) or not cells or not all(isinstance(c, dict) for c in cells):
+        raise _err("selection.cells: expected a non-empty list of mappings of settings")
+    over = raw.get("over") or {}
+    if not isinstance(over, dict):
+        raise _err("selection.over: expected a mapping from a setting to its candidates")
+    for key in {k for c in cells for k in c}:
+        if key in params:
+            raise _err(f"selection.cells sets {key}, which parameters sets too")
+        values: list = []
+        for c in cells:
+            if key not in c:
+                raise _err(f"selection.cells: every cell must set {key}")
+            try:
+                v = S.coerce(key, c[key])
+            except S.SettingsError as err:
+                raise _err(f"selection.cells: {err}") from None
+            c[key] = v
+            if repr(v) not in map(repr, values):
+                values.append(v)
+        params[key] = Param(key, tuple(values))
+    return {"study": raw.get("study"), "by": raw.get("by"), "over": over, "cells": cells}
+
+
 def parse(raw: Any, source: str = "sweep file") -> Sweep:
     """Validate a sweep definition (a dict loaded from YAML); raises SweepError."""
     if not isinstance(raw, dict):
@@ -192,6 +237,7 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
             raise _err(f"parameters: unknown setting {key!r}{S.suggest(str(key), list(S.SCHEMA))}"
                        f" (valid keys: {', '.join(S.SCHEMA)})")
     params = {k: _param(k, v) for k, v in params_raw.items()}
+    selection = _selection(raw.get("selection"), params)
     if "model.variant" in params:
         clash = [k for k in ("model.pooling", "model.strided_conv") if k in params]
         if clash:
@@ -233,7 +279,12 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
                   goal=metric.get("goal", "minimize"), params=params,
                   description=raw.get("description") or "", run_cap=run_cap,
                   hyperband=hyperband, project=raw.get("project"), entity=raw.get("entity"),
-                  raw=raw)
+                  selection=selection, raw=raw)
+    if params.get("data.val_size") and params["data.val_size"].values == (0,) \
+            and sweep.metric.startswith("val/"):
+        raise _err(f"metric.name={sweep.metric}: data.val_size=0 holds out no validation "
+                   "images; a sweep that trains on every image selects nothing, so use "
+                   "metric train/loss (as ablate export --final-sweep writes)")
     try:
         S.resolve(sweep.base)
     except (S.SettingsError, SpecError) as err:

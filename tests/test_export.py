@@ -1,4 +1,6 @@
+import shutil
 import statistics
+import subprocess
 from pathlib import Path
 
 import optuna
@@ -21,13 +23,21 @@ LRS = [0.1, 0.01]
 SEEDS = [0, 1, 2]
 
 
-def make_study(root: Path, name: str = "paper") -> optuna.Study:
-    """A realistic finished study: 2 variants x 2 lrs x 3 seeds on CIFAR-10's protocol,
-    with one failed and one diverged trial and known metrics."""
-    raw = {"name": name, "method": "grid", "metric": {"name": "val/error", "goal": "minimize"},
-           "parameters": {"data.dataset": {"value": "cifar10"}, "train.epochs": {"value": 350},
-                          "model.variant": {"values": VARIANTS}, "train.lr": {"values": LRS},
-                          "seed": {"values": SEEDS}}}
+def make_study(root: Path, name: str = "paper", raw: dict | None = None,
+               value=None, broken: dict | None = None) -> optuna.Study:
+    """A realistic finished study: by default 2 variants x 2 lrs x 3 seeds with one diverged
+    and one failed trial and known metrics (`value(cell)` gives the validation error)."""
+    raw = raw or {"name": name, "method": "grid",
+                  "metric": {"name": "val/error", "goal": "minimize"},
+                  "parameters": {"data.dataset": {"value": "cifar10"},
+                                 "train.epochs": {"value": 350},
+                                 "model.variant": {"values": VARIANTS},
+                                 "train.lr": {"values": LRS}, "seed": {"values": SEEDS}}}
+    value = value or (lambda c: 10 + 3 * VARIANTS.index(c["model.variant"])
+                      + 100 * c["train.lr"] + c["seed"] * 0.5)
+    broken = broken if broken is not None else {
+        (("model.variant", "base"), ("seed", 2), ("train.lr", 0.1)): "diverged",
+        (("model.variant", "all-cnn"), ("seed", 1), ("train.lr", 0.01)): "failed"}
     (root / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     sweep = SF.load(root / f"{name}.yaml")
     study = SW.open_study(sweep, ST.default_url(name, root / "runs"), name, create=True)
@@ -35,24 +45,21 @@ def make_study(root: Path, name: str = "paper") -> optuna.Study:
     for i, cell in enumerate(reversed(cells)):  # stored out of order on purpose
         settings = S.resolve({**sweep.base, **cell})
         flat = S.flat_with_name(settings, S.model_spec(settings))
-        val = 10 + 3 * VARIANTS.index(cell["model.variant"]) + 100 * cell["train.lr"] \
-            + cell["seed"] * 0.5
+        val = value(cell)
         attrs = {"cell": SF.cell_id(cell), "settings": flat, "params": 954_730,
                  "macs": 1, "val/error": val, "test/error": val - 1, "best_epoch": 300,
                  "epochs_run": 350, "fit_seconds": 100.0 + i, "images_per_second": 500.0,
-                 "device": "test", "wandb_run_id": f"w{i}", "git_commit": "abc",
-                 "state": "complete"}
-        state, value = TrialState.COMPLETE, val
-        if cell == {"model.variant": "base", "train.lr": 0.1, "seed": 2}:
-            attrs.update(state="diverged", error_message="non-finite training loss")
+                 "precision": "32-true", "device": "test", "wandb_run_id": f"w{i}",
+                 "git_commit": "abc", "state": "complete"}
+        state, objective = TrialState.COMPLETE, val
+        what = broken.get(tuple(sorted(cell.items())))
+        if what:
+            attrs.update(state=what, error_message="non-finite training loss"
+                         if what == "diverged" else "RuntimeError: boom")
             attrs.pop("val/error"), attrs.pop("test/error")
-            state, value = TrialState.FAIL, None
-        if cell == {"model.variant": "all-cnn", "train.lr": 0.01, "seed": 1}:
-            attrs.update(state="failed", error_message="RuntimeError: boom")
-            attrs.pop("val/error"), attrs.pop("test/error")
-            state, value = TrialState.FAIL, None
+            state, objective = TrialState.FAIL, None
         dists = {k: CategoricalDistribution(sweep.params[k].values) for k in cell}
-        study.add_trial(create_trial(state=state, value=value, params=cell,
+        study.add_trial(create_trial(state=state, value=objective, params=cell,
                                      distributions=dists, user_attrs=attrs))
     return study
 
@@ -90,7 +97,7 @@ def test_trials_frame_matches_the_study_column_by_column(study):
 
 
 def test_summary_means_and_stds(study):
-    trials, summary, _, _ = E.build(study)
+    summary = E.build(study).summary
     assert len(summary) == 4  # variant x lr
     for _, row in summary.iterrows():
         v, lr = row["model.variant"], row["train.lr"]
@@ -105,43 +112,181 @@ def test_summary_means_and_stds(study):
 
 
 def test_select_by_validation_reports_test_at_the_chosen_lr(study):
-    _, summary, _, _ = E.build(study, select_by="val/error", over=["train.lr"])
+    summary = E.build(study, select_by="val/error", over=["train.lr"]).summary
     assert list(summary["model.name"]) == ["Model C", "All-CNN-C"]
-    assert list(summary["train.lr"]) == [0.01, 0.01]  # lower val error at 0.01
+    # Model C: 0.01 has the lower val error and all 3 seeds. All-CNN-C: 0.01 would win, but
+    # its seed 1 failed, so it is not eligible and 0.1 (all seeds complete) is chosen.
+    assert list(summary["train.lr"]) == [0.01, 0.1]
     allcnn = summary.iloc[1]
-    vals = [10 + 3 + 1 + s * 0.5 for s in (0, 2)]  # seed 1 failed at 0.01
+    vals = [10 + 3 + 10 + s * 0.5 for s in SEEDS]
+    assert allcnn["n"] == 3 and allcnn["n_failed"] == 0
     assert allcnn["test/error mean"] == pytest.approx(statistics.mean(vals) - 1)
     assert allcnn["selected_by"] == "val/error"
 
 
-def test_paper_join_and_difference(study):
-    _, summary, _, _ = E.build(study, select_by="val/error", over=["train.lr"])
-    row = summary.set_index("model.name").loc["All-CNN-C"]
-    assert row["paper test/error"] == 9.08
-    assert row["Δ test/error"] == pytest.approx(row["test/error mean"] - 9.08)
-    assert summary.set_index("model.name").loc["Model C"]["paper test/error"] == 9.74
+def test_a_rate_whose_seeds_diverged_cannot_win_on_its_survivor(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # lr 0.1 is far better on its one surviving seed; two of its three seeds diverged
+    broken = {(("model.variant", v), ("seed", s), ("train.lr", 0.1)): "diverged"
+              for v in VARIANTS for s in (1, 2)}
+    study = make_study(tmp_path, value=lambda c: (1 if c["train.lr"] == 0.1 else 20)
+                       + c["seed"], broken=broken)
+    t = E.build(study, select_by="val/error", over=["train.lr"])
+    assert list(t.summary["train.lr"]) == [0.01, 0.01]
+    sel = t.selection.set_index(["model.variant", "train.lr"])
+    assert not sel.loc[("base", 0.1), "eligible"]
+    assert sel.loc[("base", 0.1), "why_not"] == "2 diverged of 3 seeds"
+    assert sel.loc[("base", 0.01), "selected"]
+
+
+def test_select_by_a_test_metric_is_refused(study, tmp_path, capsys):
+    before = tree(tmp_path)
+    assert main(["export", "paper", "--select-by", "test/error", "--over", "train.lr"]) == 2
+    assert "choosing settings on the test set leaks it" in capsys.readouterr().err
+    assert tree(tmp_path) == before
+
+
+def test_no_paper_numbers_off_the_protocol_and_the_export_says_why(study, capsys):
+    # the fixture is CIFAR-10 but standardised, with a validation split, no class-score ReLU
+    # and two of the paper's four rates
+    t = E.build(study, select_by="val/error", over=["train.lr"])
+    assert "paper test/error" not in t.summary
+    assert t.notes == ["paper numbers omitted: data.preprocess=standardize, "
+                       "data.val_size=auto, model.score_relu=False, train.lr chosen over "
+                       "0.1,0.01 (the paper's grid is 0.25,0.1,0.05,0.01)"]
+    assert main(["export", "paper"]) == 0
+    out = capsys.readouterr().out
+    assert "9.08" not in out and "9.74" not in out
+    assert "paper numbers omitted: data.preprocess=standardize" in out
+    assert "train.lr not chosen on validation" in out
+
+
+PROTOCOL_FINAL = {
+    "name": "final", "method": "grid", "metric": {"name": "train/loss", "goal": "minimize"},
+    "parameters": {"data.dataset": {"value": "cifar10"}, "data.preprocess": {"value": "gcn-zca"},
+                   "data.val_size": {"value": 0}, "model.score_relu": {"value": True},
+                   "train.epochs": {"value": 350}, "seed": {"values": SEEDS}},
+    "selection": {"study": "paper", "by": "val/error",
+                  "over": {"train.lr": [0.25, 0.1, 0.05, 0.01]},
+                  "cells": [{"model.variant": "base", "train.lr": 0.05},
+                            {"model.variant": "all-cnn", "train.lr": 0.01}]}}
+
+
+def test_paper_numbers_beside_a_final_run_on_the_protocol(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    study = make_study(tmp_path, "final", raw=PROTOCOL_FINAL, broken={},
+                       value=lambda c: 10 + c["seed"])
+    t = E.build(study)
+    row = t.summary.set_index("model.name")
+    assert row.loc["All-CNN-C", "paper test/error"] == 9.08
+    assert row.loc["Model C", "paper test/error"] == 9.74
+    assert row.loc["All-CNN-C", "Δ test/error"] == pytest.approx(10 - 9.08)
+    assert t.notes == []
+    # the same trials with a rate chosen from two of the paper's rates would not qualify
+    raw = {**PROTOCOL_FINAL, "name": "narrow",
+           "selection": {**PROTOCOL_FINAL["selection"], "over": {"train.lr": [0.05, 0.01]}}}
+    narrow = make_study(tmp_path, "narrow", raw=raw, broken={}, value=lambda c: 10)
+    assert "paper test/error" not in E.build(narrow).summary
+
+
+def test_final_sweep_file_retrains_the_selected_cells(study, tmp_path, capsys):
+    path = tmp_path / "final.yaml"
+    assert main(["export", "paper", "--select-by", "val/error", "--over", "train.lr",
+                 "--final-sweep", str(path)]) == 0
+    sweep = SF.load(path)
+    assert sweep.base["data.val_size"] == 0 and sweep.metric == "train/loss"
+    cells, invalid = sweep.cells()
+    assert not invalid
+    picked = {(c["model.variant"], c["train.lr"]) for c in cells}
+    assert picked == {("base", 0.01), ("all-cnn", 0.1)}
+    assert sorted({c["seed"] for c in cells}) == [0, 1, 2] and len(cells) == 6
+    assert sweep.selection["by"] == "val/error"
+    assert sweep.selection["over"] == {"train.lr": LRS}
+    assert "ablate sweep" in capsys.readouterr().out
+
+
+def test_effects_against_a_hand_computation(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    noise = {0: 0.0, 1: 0.7, 2: -0.4}
+    study = make_study(tmp_path, broken={}, value=lambda c: 10 + 2 * (
+        c["model.variant"] == "all-cnn") + noise[c["seed"]] * (c["model.variant"] == "all-cnn")
+        + 100 * c["train.lr"])
+    eff = E.build(study).effects.set_index("factor")
+    from scipy import stats
+
+    # All-CNN-C minus Model C at the same rate and seed: 2 + noise, twice (two rates)
+    diffs = [2 + noise[s] for s in SEEDS] * 2
+    v = eff.loc["model.variant"]
+    assert v["level"] == "all-cnn" and v["reference"] == "base" and v["pairs"] == 6
+    assert v["mean_diff"] == pytest.approx(statistics.mean(diffs))
+    t = statistics.mean(diffs) / (statistics.stdev(diffs) / len(diffs) ** 0.5)
+    p = 2 * stats.t.sf(abs(t), len(diffs) - 1)
+    assert v["p_value"] == pytest.approx(p)
+    assert v["ci_low"] < v["mean_diff"] < v["ci_high"]
+    assert min(diffs) <= v["ci_low"] and v["ci_high"] <= max(diffs)
+    lr = eff.loc["train.lr"]  # 0.01 against 0.1 at the same variant and seed: exactly -9
+    assert lr["pairs"] == 6 and lr["mean_diff"] == pytest.approx(-9)
+    assert (lr["ci_low"], lr["ci_high"]) == pytest.approx((-9, -9))
+    # Holm over the two comparisons: the smaller p times 2, the larger times 1 (monotone)
+    ps = sorted([v["p_value"], lr["p_value"]])
+    assert sorted([v["p_holm"], lr["p_holm"]]) == pytest.approx(
+        [min(1, 2 * ps[0]), max(min(1, 2 * ps[0]), ps[1])])
+
+
+def test_holm_by_hand():
+    import math
+
+    from ablations.effects import holm
+
+    got = holm([0.01, 0.04, 0.03, math.nan])
+    assert got[:3] == pytest.approx([0.03, 0.06, 0.06]) and math.isnan(got[3])
 
 
 def test_latex_markdown_and_figure(study, tmp_path):
     out = tmp_path / "out"
     written = E.write(study, out)
-    assert sorted(written) == ["summary.csv", "summary.md", "summary.pdf", "summary.png",
-                               "summary.tex", "trials.csv"]
+    assert set(written) == {"summary.csv", "summary.md", "summary.pdf", "summary.png",
+                            "summary.tex", "trials.csv", "effects.csv", "effects.md",
+                            "effects.tex", "effects.png", "effects.pdf"}
     tex = (out / "summary.tex").read_text()
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert tex.count(rule) == 1
-    assert r"$\pm$" in tex and r"\pm" in tex and r"n\_failed" in tex
-    assert r"val/\allowbreak{}error" in tex
+    assert r"\pm" in tex and r"\label{tab:paper-summary}" in tex
+    assert "Test error (\\%)" in tex and "Failed" in tex and "model.name" not in tex
+    assert "cifar10, 350 epochs" in tex and "3 seed(s)" in tex
+    assert r"$\mathbf{" in tex  # the best mean per column in bold
     body = tex.split(r"\midrule")[1].split(r"\bottomrule")[0].strip().splitlines()
     assert len(body) == 4  # one row per cell
     md = (out / "summary.md").read_text().splitlines()
-    assert md[0].startswith("| model.name |") and len(md) == 2 + 4
+    assert md[0].startswith("| Model |") and "Test error (%)" in md[0]
     assert "±" in md[2]
+    assert "test/error mean (%)" in (out / "summary.csv").read_text().splitlines()[0]
     from matplotlib.image import imread
 
     img = imread(out / "summary.png")
-    assert img.shape[0] == 520 and img.shape[1] == 680  # 3.4 x 2.6 in at 200 dpi
+    assert img.shape[1] == 990  # 3.3 in at 300 dpi: one column of a paper
     assert (out / "summary.pdf").read_bytes().startswith(b"%PDF")
+
+
+@pytest.mark.skipif(shutil.which("pdflatex") is None,
+                    reason="pdflatex is absent: apt-get install texlive-latex-recommended "
+                    "(.ci/run installs it as root)")
+@pytest.mark.parametrize("select", [False, True])
+def test_latex_compiles_without_an_overfull_box(study, tmp_path, select):
+    out = tmp_path / "out"
+    kw = {"select_by": "val/error", "over": ["train.lr"]} if select else {}
+    E.write(study, out, formats=["tex"], metrics=["val/error", "test/error",
+                                                  "test/error_dropout"], **kw)
+    doc = out / "doc.tex"
+    doc.write_text("\\documentclass{article}\n"
+                   "\\usepackage{booktabs,graphicx,xcolor,amsmath,array}\n"
+                   "\\begin{document}\n\\input{summary.tex}\n\\input{effects.tex}\n"
+                   "\\end{document}\n")
+    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error",
+                          "doc.tex"], cwd=out, capture_output=True, text=True, timeout=120)
+    log = (out / "doc.log").read_text(errors="replace")
+    assert run.returncode == 0, log[-2000:]
+    assert "Overfull" not in log, [ln for ln in log.splitlines() if "Overfull" in ln]
 
 
 def test_two_exports_are_byte_identical(study, tmp_path):
@@ -179,7 +324,12 @@ def test_export_of_a_running_sweep_marks_rows(study):
      "--select-by train/loss: no trial has this metric"),
     (["export", "paper", "--select-by", "val/error", "--over", "train.momentum"],
      "--over train.momentum: not a swept factor"),
-    (["export", "paper", "--format", "csv,docx"], "--format docx: not one of the valid values"),
+    (["export", "paper", "--format", "csv,docx"], "--format 'csv,docx': give one or more of"),
+    (["export", "paper", "--format", ""], "--format '': give one or more of"),
+    (["export", "paper", "--over", "train.lr"], "--over needs --select-by"),
+    (["export", "paper", "--select-by", "val/loss", "--over", "train.lr"],
+     "--select-by val/loss: no trial has this metric"),
+    (["export", "paper", "--final-sweep", "f.yaml"], "--final-sweep needs --select-by"),
 ])
 def test_bad_export_input(study, capsys, argv, message, tmp_path):
     url = ST.default_url("paper", Path("runs"))
@@ -206,5 +356,6 @@ def test_storage_with_no_studies(tmp_path, capsys, monkeypatch):
 def test_cli_export_writes_under_runs(study, capsys):
     assert main(["export", "paper", "--select-by", "val/error", "--over", "train.lr"]) == 0
     out = capsys.readouterr().out
-    assert "All-CNN-C" in out and "9.08" in out
-    assert Path("runs/paper/export/summary.tex").exists()
+    assert "All-CNN-C" in out and "paper numbers omitted" in out
+    for name in ("summary.tex", "effects.tex", "effects.pdf", "selection.csv"):
+        assert Path(f"runs/paper/export/{name}").exists(), name
