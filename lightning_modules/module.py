@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import lightning as L
@@ -53,18 +52,6 @@ def milestones(steps: int) -> list[int]:
     of the rate). At 350 epochs the milestones fall exactly on epochs 200, 250 and 300.
     """
     return sorted({max(1, round(steps * m / 350)) for m in (200, 250, 300)})
-
-
-def schedule(steps: int, gamma: float, warmup: int = 0) -> Callable[[int], float]:
-    """The rate's factor at each optimizer step: a linear warm-up over `warmup` steps (none in
-    the paper), then times `gamma` at each of the paper's milestones."""
-    marks = milestones(steps)
-
-    def factor(step: int) -> float:
-        ramp = min(1.0, (step + 1) / warmup) if warmup else 1.0
-        return ramp * gamma ** sum(step >= m for m in marks)
-
-    return factor
 
 
 class AllConvModule(L.LightningModule):
@@ -182,8 +169,9 @@ class AllConvModule(L.LightningModule):
             self.parameters(), lr=t["lr"], momentum=t["momentum"], weight_decay=t["weight_decay"]
         )
         steps = int(self.trainer.estimated_stepping_batches)
-        warmup = round(steps * t.get("warmup_epochs", 0.0) / max(1, self.trainer.max_epochs))
-        sched = torch.optim.lr_scheduler.LambdaLR(
-            opt, schedule(steps, t["lr_gamma"], warmup)
-        )
+        sched = torch.optim.lr_scheduler.MultiStepLR(opt, milestones(steps), gamma=t["lr_gamma"])
+        warmup = round(steps * t.get("warmup_epochs", 0.0) / t["epochs"])
+        if warmup:  # not in the paper: a linear ramp from 1/warmup of the rate, times the steps
+            ramp = torch.optim.lr_scheduler.LinearLR(opt, 1 / warmup, total_iters=warmup)
+            sched = torch.optim.lr_scheduler.ChainedScheduler([ramp, sched], optimizer=opt)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -73,6 +73,23 @@ def test_optimizer_follows_the_settings():
     assert cfg["lr_scheduler"]["interval"] == "step"
 
 
+def test_warmup_ramps_then_the_milestones_decay():
+    train = {"lr": 0.1, "lr_gamma": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "epochs": 35,
+             "compile": False, "warmup_epochs": 1.0}
+    module = AllConvModule(model={"width": 0.125}, train=train)
+    module._trainer = SimpleNamespace(estimated_stepping_batches=35 * 10)
+    cfg = module.configure_optimizers()
+    opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
+    rates = []
+    for _ in range(350):
+        rates.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    assert rates[0] == pytest.approx(0.01) and rates[5] == pytest.approx(0.055)
+    assert rates[10] == pytest.approx(0.1) and rates[199] == pytest.approx(0.1)
+    assert rates[200] == pytest.approx(0.01) and rates[300] == pytest.approx(1e-4)
+
+
 def test_non_finite_loss_ends_the_run_as_diverged(tmp_path):
     settings = S.resolve({**TINY, "train.lr": 1e12, "model.dropout": "none"})
     result = run.train(settings, tmp_path / "run", progress=False)
