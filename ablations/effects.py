@@ -17,8 +17,18 @@ import pandas as pd
 
 CONFIDENCE = 0.95
 RESAMPLES = 10_000
-COLUMNS = ("factor", "level", "reference", "metric", "pairs", "mean_diff", "ci_low", "ci_high",
-           "p_value", "p_holm")
+COLUMNS = (
+    "factor",
+    "level",
+    "reference",
+    "metric",
+    "pairs",
+    "mean_diff",
+    "ci_low",
+    "ci_high",
+    "p_value",
+    "p_holm",
+)
 
 
 def holm(p_values: Sequence[float]) -> list[float]:
@@ -42,9 +52,14 @@ def interval(diffs: np.ndarray, seed: int = 0) -> tuple[float, float]:
         return float(diffs[0]), float(diffs[0])
     from scipy import stats
 
-    res = stats.bootstrap((diffs,), np.mean, confidence_level=CONFIDENCE,
-                          n_resamples=RESAMPLES, method="percentile",
-                          rng=np.random.default_rng(seed))
+    res = stats.bootstrap(
+        (diffs,),
+        np.mean,
+        confidence_level=CONFIDENCE,
+        n_resamples=RESAMPLES,
+        method="percentile",
+        rng=np.random.default_rng(seed),
+    )
     return float(res.confidence_interval.low), float(res.confidence_interval.high)
 
 
@@ -59,8 +74,9 @@ def p_value(diffs: np.ndarray) -> float:
     return float(stats.ttest_1samp(diffs, 0.0).pvalue)
 
 
-def effects(trials: pd.DataFrame, factors: dict[str, list], metric: str,
-            keys: Sequence[str]) -> pd.DataFrame:
+def effects(
+    trials: pd.DataFrame, factors: dict[str, list], metric: str, keys: Sequence[str]
+) -> pd.DataFrame:
     """One row per (factor, level != reference). `factors` maps each swept factor to its
     levels in the sweep file's order (the first is the reference); `keys` are every swept
     key, seed included, that a pair must agree on."""
@@ -83,10 +99,19 @@ def effects(trials: pd.DataFrame, factors: dict[str, list], metric: str,
                 merged = merged.iloc[:0] if len(a) != 1 or len(b) != 1 else merged
             diffs = (merged[metric] - merged[f"{metric}_ref"]).to_numpy(dtype=float)
             low, high = interval(diffs)
-            rows.append({"factor": factor, "level": level, "reference": ref, "metric": metric,
-                         "pairs": len(diffs),
-                         "mean_diff": float(diffs.mean()) if len(diffs) else math.nan,
-                         "ci_low": low, "ci_high": high, "p_value": p_value(diffs)})
+            rows.append(
+                {
+                    "factor": factor,
+                    "level": level,
+                    "reference": ref,
+                    "metric": metric,
+                    "pairs": len(diffs),
+                    "mean_diff": float(diffs.mean()) if len(diffs) else math.nan,
+                    "ci_low": low,
+                    "ci_high": high,
+                    "p_value": p_value(diffs),
+                }
+            )
     out = pd.DataFrame(rows, columns=list(COLUMNS))
     out["p_holm"] = holm(out["p_value"].tolist()) if len(out) else []
     return out

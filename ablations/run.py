@@ -23,9 +23,7 @@ from datamodules import AllConvDataModule
 from lightning_modules.family import count_macs, count_params
 from lightning_modules.module import AllConvModule, resolve_precision
 
-TRAIN_KEYS = (
-    "lr", "lr_gamma", "warmup_epochs", "momentum", "weight_decay", "epochs", "compile"
-)
+TRAIN_KEYS = ("lr", "lr_gamma", "warmup_epochs", "momentum", "weight_decay", "epochs", "compile")
 
 
 class EpochRecorder(Callback):
@@ -80,8 +78,12 @@ class EpochRecorder(Callback):
             os.replace(tmp, self.path)
 
     def state(self) -> dict:
-        return {"train_seconds": self.train_seconds, "train_images": self.train_images,
-                "history": self.history, "diverged": self.diverged}
+        return {
+            "train_seconds": self.train_seconds,
+            "train_images": self.train_images,
+            "history": self.history,
+            "diverged": self.diverged,
+        }
 
     def load(self) -> None:
         """Take rank 0's record when the fit ran in other processes."""

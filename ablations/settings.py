@@ -64,8 +64,9 @@ SCHEMA: dict[str, Setting] = {
     "data.dataset": Setting("cifar10", "str", _names(DATASETS), "dataset"),
     "data.dir": Setting("~/.cache/allconv/data", "str", None, "where datasets live"),
     # standardize by default: cheap and robust on any data; the paper sweeps set gcn-zca
-    "data.preprocess": Setting("standardize", "str", _names(PREPROCESSING),
-                               "gcn-zca (the paper) or standardize"),
+    "data.preprocess": Setting(
+        "standardize", "str", _names(PREPROCESSING), "gcn-zca (the paper) or standardize"
+    ),
     "data.augment": Setting("none", "str", _names(AUGMENTATIONS), "on-device augmentation"),
     "data.val_size": Setting(
         "auto", "int|auto", None, "held-out training images (auto: 10%, at most 5000)"

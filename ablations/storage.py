@@ -56,12 +56,16 @@ def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStora
             # Optuna creates its tables on first use; machines starting together on an empty
             # database would race on CREATE TABLE, so they take turns.
             with _pg_advisory_lock(url, "optuna-schema") if postgres else contextlib.nullcontext():
-                return RDBStorage(url, heartbeat_interval=int(HEARTBEAT_S),
-                                  grace_period=int(GRACE_S),
-                                  engine_kwargs={"pool_pre_ping": True})
+                return RDBStorage(
+                    url,
+                    heartbeat_interval=int(HEARTBEAT_S),
+                    grace_period=int(GRACE_S),
+                    engine_kwargs={"pool_pre_ping": True},
+                )
         except Exception as err:
-            raise SweepError(f"storage {describe_url(url)} cannot be used: "
-                             f"{type(err).__name__}: {err}") from None
+            raise SweepError(
+                f"storage {describe_url(url)} cannot be used: {type(err).__name__}: {err}"
+            ) from None
     path = Path(url.removeprefix("journal://").removeprefix("journal:"))
     if not create and not path.exists():
         raise SweepError(f"storage {path} does not exist (no sweep has written there)")
@@ -74,8 +78,10 @@ def check_postgres(url: str) -> None:
     import sqlalchemy
 
     parts = urlsplit(url)
-    where = (f"host {parts.hostname or 'localhost'}, port {parts.port or 5432}, "
-             f"database {parts.path.lstrip('/') or '(default)'}")
+    where = (
+        f"host {parts.hostname or 'localhost'}, port {parts.port or 5432}, "
+        f"database {parts.path.lstrip('/') or '(default)'}"
+    )
     try:
         engine = sqlalchemy.create_engine(url, connect_args={"connect_timeout": 5})
         with engine.connect():
@@ -83,8 +89,9 @@ def check_postgres(url: str) -> None:
         engine.dispose()
     except Exception as err:
         reason = str(getattr(err, "orig", err)).strip().splitlines()[0]
-        raise SweepError(f"PostgreSQL storage {describe_url(url)} cannot be reached ({where}): "
-                         f"{reason}") from None
+        raise SweepError(
+            f"PostgreSQL storage {describe_url(url)} cannot be reached ({where}): {reason}"
+        ) from None
 
 
 @contextlib.contextmanager
@@ -156,8 +163,12 @@ def hostname() -> str:
 
 def owner_stamp() -> dict[str, object]:
     pid = os.getpid()
-    return {"worker.host": hostname(), "worker.pid": pid,
-            "worker.start": _start_time(pid), "worker.heartbeat": time.time()}
+    return {
+        "worker.host": hostname(),
+        "worker.pid": pid,
+        "worker.start": _start_time(pid),
+        "worker.heartbeat": time.time(),
+    }
 
 
 def is_stale(trial: FrozenTrial, now: float | None = None) -> str | None:
@@ -183,7 +194,8 @@ def fail_stale(study: optuna.Study) -> list[int]:
     """Fail every RUNNING trial whose worker is dead; returns their numbers."""
     failed = []
     if isinstance(study._storage, RDBStorage) or isinstance(
-            getattr(study._storage, "_backend", None), RDBStorage):
+        getattr(study._storage, "_backend", None), RDBStorage
+    ):
         optuna.storages.fail_stale_trials(study)  # the RDB heartbeat: marks them FAIL
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         why = is_stale(t)

@@ -55,12 +55,15 @@ def pruner_for(sweep: SF.Sweep) -> optuna.pruners.BasePruner:
         return optuna.pruners.NopPruner()
     hb = sweep.hyperband
     return optuna.pruners.HyperbandPruner(
-        min_resource=hb["min_iter"], max_resource=hb["max_iter"] or "auto",
-        reduction_factor=hb["eta"])
+        min_resource=hb["min_iter"],
+        max_resource=hb["max_iter"] or "auto",
+        reduction_factor=hb["eta"],
+    )
 
 
-def open_study(sweep: SF.Sweep, url: str, study_name: str, *, create: bool,
-               worker: int = 0) -> optuna.Study:
+def open_study(
+    sweep: SF.Sweep, url: str, study_name: str, *, create: bool, worker: int = 0
+) -> optuna.Study:
     """Create or join; a name reused with a different definition is refused before writing."""
     storage = ST.open_storage(url, create=create)
     direction = "minimize" if sweep.goal == "minimize" else "maximize"
@@ -68,22 +71,31 @@ def open_study(sweep: SF.Sweep, url: str, study_name: str, *, create: bool,
     if study_name in existing:
         old = existing[study_name].user_attrs.get(DEFINITION_ATTR)
         if old is not None and json.loads(json.dumps(sweep.definition(), default=str)) != old:
-            changed = sorted(k for k in SF.DEFINING
-                             if json.dumps(old.get(k), sort_keys=True, default=str)
-                             != json.dumps(sweep.definition().get(k), sort_keys=True,
-                                           default=str))
+            changed = sorted(
+                k
+                for k in SF.DEFINING
+                if json.dumps(old.get(k), sort_keys=True, default=str)
+                != json.dumps(sweep.definition().get(k), sort_keys=True, default=str)
+            )
             raise SF.SweepError(
                 f"study {study_name!r} in {ST.describe_url(url)} was made from a different "
                 f"sweep definition (differs in: {', '.join(changed)}); use another name "
-                "(--study NAME) or the original file")
+                "(--study NAME) or the original file"
+            )
     elif not create:
         raise SF.SweepError(f"no study {study_name!r} in {ST.describe_url(url)}")
-    study = optuna.create_study(study_name=study_name, storage=storage, direction=direction,
-                                sampler=sampler_for(sweep, worker), pruner=pruner_for(sweep),
-                                load_if_exists=True)
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction=direction,
+        sampler=sampler_for(sweep, worker),
+        pruner=pruner_for(sweep),
+        load_if_exists=True,
+    )
     if study_name not in existing:
-        study.set_user_attr(DEFINITION_ATTR,
-                            json.loads(json.dumps(sweep.definition(), default=str)))
+        study.set_user_attr(
+            DEFINITION_ATTR, json.loads(json.dumps(sweep.definition(), default=str))
+        )
         study.set_user_attr("sweep.name", sweep.name)
         study.set_user_attr("sweep.description", sweep.description)
         study.set_user_attr("sweep.swept", sweep.swept)
@@ -94,9 +106,13 @@ def trial_state(t: optuna.trial.FrozenTrial) -> str:
     """complete, failed, pruned, diverged or running."""
     if t.user_attrs.get("state") == "diverged":
         return "diverged"
-    return {TrialState.COMPLETE: "complete", TrialState.PRUNED: "pruned",
-            TrialState.FAIL: "failed", TrialState.RUNNING: "running",
-            TrialState.WAITING: "waiting"}[t.state]
+    return {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "waiting",
+    }[t.state]
 
 
 def cell_states(sweep: SF.Sweep, trials: list) -> dict[str, dict[str, Any]]:
@@ -142,8 +158,9 @@ class StatusFile(Callback):
         if not trainer.is_global_zero:
             return
         val = trainer.callback_metrics.get("val/error")
-        self.write(epoch=trainer.current_epoch + 1,
-                   val_error=None if val is None else round(float(val), 2))
+        self.write(
+            epoch=trainer.current_epoch + 1, val_error=None if val is None else round(float(val), 2)
+        )
 
 
 class Pruning(PyTorchLightningPruningCallback):
@@ -161,8 +178,9 @@ class Pruning(PyTorchLightningPruningCallback):
             trainer.should_stop = True
 
 
-def _claim(study: optuna.Study, sweep: SF.Sweep, url: str, limit: int | None
-           ) -> optuna.Trial | None | str:
+def _claim(
+    study: optuna.Study, sweep: SF.Sweep, url: str, limit: int | None
+) -> optuna.Trial | None | str:
     """Under the lock: recover dead trials, then take the next cell. Returns a trial, None
     (nothing left), or "wait" (nothing open, but trials still running elsewhere)."""
     with ST.claim_lock(url, study.study_name):
@@ -183,8 +201,7 @@ def _claim(study: optuna.Study, sweep: SF.Sweep, url: str, limit: int | None
                 running = any(e["state"] == "running" for e in cells.values())
                 return "wait" if running else None
             cell = open_cells[0]["cell"]
-            study.enqueue_trial(cell, user_attrs={"cell": SF.cell_id(cell)},
-                                skip_if_exists=False)
+            study.enqueue_trial(cell, user_attrs={"cell": SF.cell_id(cell)}, skip_if_exists=False)
             trial = study.ask()
         else:
             counted = [t for t in trials if trial_state(t) != "failed"]
@@ -205,13 +222,22 @@ def _suggest(trial: optuna.Trial, sweep: SF.Sweep) -> dict[str, Any]:
         elif p.distribution == "int_uniform":
             params[key] = trial.suggest_int(key, int(p.low), int(p.high))
         else:
-            params[key] = trial.suggest_float(key, p.low, p.high,
-                                              log=p.distribution == "log_uniform_values")
+            params[key] = trial.suggest_float(
+                key, p.low, p.high, log=p.distribution == "log_uniform_values"
+            )
     return params
 
 
-def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: SF.Sweep, *, runs_dir: Path,
-              wandb_mode: str, status: StatusFile, devices: int = 1) -> str:
+def run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    sweep: SF.Sweep,
+    *,
+    runs_dir: Path,
+    wandb_mode: str,
+    status: StatusFile,
+    devices: int = 1,
+) -> str:
     """Train one trial and record it in the study; returns its state."""
     from ablations import run
 
@@ -226,20 +252,39 @@ def run_trial(study: optuna.Study, trial: optuna.Trial, sweep: SF.Sweep, *, runs
             study.tell(trial, state=TrialState.FAIL)
             return "failed"
         trial.set_user_attr("settings", {k: v for k, v in flat.items()})
-        status.write(trial=trial.number, cell=flat["model.name"] + _cell_suffix(params),
-                     epoch=0, epochs=settings["train.epochs"], val_error=None, state="running")
+        status.write(
+            trial=trial.number,
+            cell=flat["model.name"] + _cell_suffix(params),
+            epoch=0,
+            epochs=settings["train.epochs"],
+            val_error=None,
+            state="running",
+        )
         run_dir = runs_dir / "trials" / f"{trial.number:04d}-{run.run_name(flat)}"
         logger = wandb_log.trial_logger(
-            wandb_mode, study=study.study_name, trial=trial.number, flat=flat,
-            swept=sweep.swept, save_dir=run_dir, project=sweep.project, entity=sweep.entity)
+            wandb_mode,
+            study=study.study_name,
+            trial=trial.number,
+            flat=flat,
+            swept=sweep.swept,
+            save_dir=run_dir,
+            project=sweep.project,
+            entity=sweep.entity,
+        )
         callbacks: list = [status]
         if sweep.hyperband is not None:
             callbacks.append(Pruning(trial, monitor=sweep.metric))
         state, result = "failed", {}
         try:
-            result = run.train(settings, run_dir, loggers=[logger] if logger else [],
-                               callbacks=callbacks, progress=False,
-                               prepared=(dm, module, flat), devices=devices)
+            result = run.train(
+                settings,
+                run_dir,
+                loggers=[logger] if logger else [],
+                callbacks=callbacks,
+                progress=False,
+                prepared=(dm, module, flat),
+                devices=devices,
+            )
             state = result["state"]
         except Exception as err:
             result = {"error_message": f"{type(err).__name__}: {err}"}
@@ -305,17 +350,26 @@ def worker_main(argv: list[str] | None = None) -> int:
                 status.write(state="waiting")
                 time.sleep(2)
                 continue
-            run_trial(study, trial, sweep, runs_dir=runs_dir, wandb_mode=args.wandb,
-                      status=status, devices=args.devices_per_trial)
+            run_trial(
+                study,
+                trial,
+                sweep,
+                runs_dir=runs_dir,
+                wandb_mode=args.wandb,
+                status=status,
+                devices=args.devices_per_trial,
+            )
     except Exception as err:
         if not _is_storage_error(err):
             raise
         # the study is where results live: without it, stop; the same command resumes
         status.write(state="storage lost")
-        print(f"worker {args.worker}: storage {ST.describe_url(args.storage)} failed: "
-              f"{type(err).__name__}: {str(err).splitlines()[0]}; stopping. Run the same "
-              "command again when it is back: finished trials are kept, this one is re-run.",
-              file=sys.stderr)
+        print(
+            f"worker {args.worker}: storage {ST.describe_url(args.storage)} failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0]}; stopping. Run the same "
+            "command again when it is back: finished trials are kept, this one is re-run.",
+            file=sys.stderr,
+        )
         return 3
     status.write(state="done", cell=None)
     return 0
@@ -325,7 +379,8 @@ def _is_storage_error(err: BaseException) -> bool:
     import sqlalchemy.exc
 
     return isinstance(err, sqlalchemy.exc.SQLAlchemyError | OSError) or (
-        err.__cause__ is not None and _is_storage_error(err.__cause__))
+        err.__cause__ is not None and _is_storage_error(err.__cause__)
+    )
 
 
 # --- the launcher ----------------------------------------------------------------------------
@@ -338,18 +393,28 @@ def totals(study: optuna.Study, sweep: SF.Sweep) -> dict[str, int]:
         cells = cell_states(sweep, trials)
         by = [e["state"] for e in cells.values()]
         done = sum(s in DONE_STATES for s in by)
-        return {"done": done, "running": by.count("running"), "failed": states.count("failed"),
-                "left": by.count("left") + by.count("failed"), "cells": len(cells)}
+        return {
+            "done": done,
+            "running": by.count("running"),
+            "failed": states.count("failed"),
+            "left": by.count("left") + by.count("failed"),
+            "cells": len(cells),
+        }
     done = sum(s in DONE_STATES for s in states)
-    return {"done": done, "running": states.count("running"), "failed": states.count("failed"),
-            "left": max(0, sweep.run_cap - done - states.count("running")),
-            "cells": sweep.run_cap}
+    return {
+        "done": done,
+        "running": states.count("running"),
+        "failed": states.count("failed"),
+        "left": max(0, sweep.run_cap - done - states.count("running")),
+        "cells": sweep.run_cap,
+    }
 
 
 def stale_pending(study: optuna.Study) -> bool:
     """RUNNING trials whose workers died: a run of the command must recover them."""
-    return any(ST.is_stale(t) for t in study.get_trials(deepcopy=False,
-                                                          states=(TrialState.RUNNING,)))
+    return any(
+        ST.is_stale(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    )
 
 
 def _gpus(devices: str) -> list[str]:
@@ -360,8 +425,10 @@ def _gpus(devices: str) -> list[str]:
     wanted = [d.strip() for d in devices.split(",") if d.strip()]
     unknown = [d for d in wanted if d not in visible]
     if unknown:
-        raise SF.SweepError(f"--devices {devices}: no GPU {', '.join(unknown)}; visible GPUs: "
-                            f"{', '.join(visible) or 'none'}")
+        raise SF.SweepError(
+            f"--devices {devices}: no GPU {', '.join(unknown)}; visible GPUs: "
+            f"{', '.join(visible) or 'none'}"
+        )
     return wanted
 
 
@@ -370,8 +437,12 @@ def _visible_gpus() -> list[str]:
     if env is not None:
         return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
     try:
-        out = subprocess.run(["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-                             capture_output=True, text=True, timeout=20)
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
     except (OSError, subprocess.SubprocessError):
         return []
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
@@ -383,8 +454,10 @@ def dry_run(sweep: SF.Sweep, study_name: str, url: str) -> None:
 
     console = Console(width=140)
     if sweep.method != "grid":
-        console.print(f"{study_name}: {sweep.method} search, run_cap {sweep.run_cap} trials, "
-                      f"up to {sweep.epochs({})} epochs each, storage {url}")
+        console.print(
+            f"{study_name}: {sweep.method} search, run_cap {sweep.run_cap} trials, "
+            f"up to {sweep.epochs({})} epochs each, storage {url}"
+        )
         return
     valid, invalid = sweep.cells()
     table = Table(title=f"{study_name}: {len(valid)} cells ({url})")
@@ -403,8 +476,7 @@ def dry_run(sweep: SF.Sweep, study_name: str, url: str) -> None:
     console.print(table)
     for cell, why in invalid:
         print(f"skipped invalid cell {SF.cell_id(cell)}: {why}")
-    print(f"{len(valid)} cells to run, {len(invalid)} invalid skipped, "
-                  f"{epochs} epochs in all")
+    print(f"{len(valid)} cells to run, {len(invalid)} invalid skipped, {epochs} epochs in all")
 
 
 def launch(args: argparse.Namespace) -> int:
@@ -417,12 +489,15 @@ def launch(args: argparse.Namespace) -> int:
     if k < 1:
         raise SF.SweepError(f"--devices-per-trial {k}: give at least 1")
     if k > 1 and sweep.hyperband is not None:
-        raise SF.SweepError("early_terminate (hyperband) with --devices-per-trial > 1 is not "
-                            "supported: pruning decisions would have to cross processes")
+        raise SF.SweepError(
+            "early_terminate (hyperband) with --devices-per-trial > 1 is not "
+            "supported: pruning decisions would have to cross processes"
+        )
     if gpus and len(gpus) % k:
-        raise SF.SweepError(f"--devices-per-trial {k} does not divide the {len(gpus)} GPUs "
-                            f"({','.join(gpus)})")
-    groups = [",".join(gpus[i: i + k]) for i in range(0, len(gpus), k)]
+        raise SF.SweepError(
+            f"--devices-per-trial {k} does not divide the {len(gpus)} GPUs ({','.join(gpus)})"
+        )
+    groups = [",".join(gpus[i : i + k]) for i in range(0, len(gpus), k)]
     if args.dry_run:
         dry_run(sweep, study_name, url)
         return 0
@@ -436,8 +511,10 @@ def launch(args: argparse.Namespace) -> int:
     wandb_mode = args.wandb or wandb_log.default_mode()
     before = totals(study, sweep)
     if before["left"] + before["running"] == 0 and not stale_pending(study):
-        print(f"{study_name}: nothing left to run ({before['done']}/{before['cells']} done, "
-              f"{before['failed']} failed trials); storage {url}")
+        print(
+            f"{study_name}: nothing left to run ({before['done']}/{before['cells']} done, "
+            f"{before['failed']} failed trials); storage {url}"
+        )
         return 0
     n = len(groups) if gpus else args.workers
     threads = max(1, (os.cpu_count() or 1) // (n * (1 if gpus else k)))
@@ -451,18 +528,34 @@ def launch(args: argparse.Namespace) -> int:
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         if gpus:
             env["CUDA_VISIBLE_DEVICES"] = groups[i]
-        cmd = [sys.executable, "-m", "ablations.sweep", args.file, "--study", study_name,
-               "--storage", url, "--runs-dir", str(runs_dir), "--worker", str(i),
-               "--threads", str(threads), "--wandb", wandb_mode,
-               "--status", str(status_dir / f"worker-{i}.json"),
-               "--devices-per-trial", str(k)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "ablations.sweep",
+            args.file,
+            "--study",
+            study_name,
+            "--storage",
+            url,
+            "--runs-dir",
+            str(runs_dir),
+            "--worker",
+            str(i),
+            "--threads",
+            str(threads),
+            "--wandb",
+            wandb_mode,
+            "--status",
+            str(status_dir / f"worker-{i}.json"),
+            "--devices-per-trial",
+            str(k),
+        ]
         if limit is not None:
             cmd += ["--limit", str(limit)]
         log_path = runs_dir / "logs" / f"worker-{i}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as log_file:
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log_file,
-                                          stderr=subprocess.STDOUT))
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
     t0 = time.time()
     try:
         _watch(study, sweep, procs, status_dir, t0)
@@ -475,8 +568,10 @@ def launch(args: argparse.Namespace) -> int:
         return 130
     codes = [p.returncode for p in procs]
     final = totals(study, sweep)
-    print(f"{study_name}: {final['done']}/{final['cells']} done, {final['failed']} failed "
-          f"trials, {final['left']} left, {time.time() - t0:.0f} s; storage {url}")
+    print(
+        f"{study_name}: {final['done']}/{final['cells']} done, {final['failed']} failed "
+        f"trials, {final['left']} left, {time.time() - t0:.0f} s; storage {url}"
+    )
     if any(codes):
         print(f"worker exit codes {codes}; logs in {runs_dir / 'logs'}", file=sys.stderr)
     if final["done"] > before["done"]:
@@ -507,19 +602,27 @@ def _worker_lines(status_dir: Path, n: int) -> list[dict[str, Any]]:
 def _render(study_name: str, tot: dict[str, int], lines: list[dict], eta: str):
     from rich.table import Table
 
-    table = Table(title=f"{study_name}: {tot['done']} done / {tot['running']} running / "
-                  f"{tot['failed']} failed / {tot['left']} left   ETA {eta}", title_justify="left")
+    table = Table(
+        title=f"{study_name}: {tot['done']} done / {tot['running']} running / "
+        f"{tot['failed']} failed / {tot['left']} left   ETA {eta}",
+        title_justify="left",
+    )
     for col in ("worker", "state", "trial", "cell", "epoch", "val/error"):
         table.add_column(col)
     for w in lines:
         epoch = f"{w.get('epoch', '')}/{w.get('epochs', '')}" if w.get("epochs") else ""
-        table.add_row(str(w.get("worker")), str(w.get("state", "")), str(w.get("trial", "")),
-                      str(w.get("cell") or ""), epoch, str(w.get("val_error") or ""))
+        table.add_row(
+            str(w.get("worker")),
+            str(w.get("state", "")),
+            str(w.get("trial", "")),
+            str(w.get("cell") or ""),
+            epoch,
+            str(w.get("val_error") or ""),
+        )
     return table
 
 
-def _watch(study: optuna.Study, sweep: SF.Sweep, procs: list, status_dir: Path,
-           t0: float) -> None:
+def _watch(study: optuna.Study, sweep: SF.Sweep, procs: list, status_dir: Path, t0: float) -> None:
     from rich.console import Console
     from rich.live import Live
 
@@ -544,18 +647,20 @@ def _watch(study: optuna.Study, sweep: SF.Sweep, procs: list, status_dir: Path,
         with Live(console=console, refresh_per_second=2) as live:
             while any(p.poll() is None for p in procs):
                 tot, eta = snapshot()
-                live.update(_render(study.study_name, tot, _worker_lines(status_dir,
-                                                                         len(procs)), eta))
+                live.update(
+                    _render(study.study_name, tot, _worker_lines(status_dir, len(procs)), eta)
+                )
                 time.sleep(1)
             tot, eta = snapshot()
-            live.update(_render(study.study_name, tot, _worker_lines(status_dir, len(procs)),
-                                eta))
+            live.update(_render(study.study_name, tot, _worker_lines(status_dir, len(procs)), eta))
         return
     # not a terminal (CI, a log file): one line whenever the totals change
     while any(p.poll() is None for p in procs):
         tot, eta = snapshot()
-        line = (f"{study.study_name}: done {tot['done']} running {tot['running']} "
-                f"failed {tot['failed']} left {tot['left']} ETA {eta}")
+        line = (
+            f"{study.study_name}: done {tot['done']} running {tot['running']} "
+            f"failed {tot['failed']} left {tot['left']} ETA {eta}"
+        )
         if line != last_line:
             print(line, flush=True)
             last_line = line
@@ -565,20 +670,23 @@ def _watch(study: optuna.Study, sweep: SF.Sweep, procs: list, status_dir: Path,
 # --- status ----------------------------------------------------------------------------------
 
 
-def _study_and_sweep(name: str | None, url: str | None, runs_dir: Path
-                     ) -> tuple[optuna.Study, SF.Sweep]:
+def _study_and_sweep(
+    name: str | None, url: str | None, runs_dir: Path
+) -> tuple[optuna.Study, SF.Sweep]:
     if url is None:
         if name is None:
             names = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))
             if len(names) != 1:
-                raise SF.SweepError("name the study: " + (", ".join(names) or
-                                                          f"no studies under {runs_dir}"))
+                raise SF.SweepError(
+                    "name the study: " + (", ".join(names) or f"no studies under {runs_dir}")
+                )
             name = names[0]
         url = ST.default_url(name, runs_dir)
         if not Path(url).exists():
             names = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))
-            raise SF.SweepError(f"no study {name!r} under {runs_dir}; studies there: "
-                                f"{', '.join(names) or 'none'}")
+            raise SF.SweepError(
+                f"no study {name!r} under {runs_dir}; studies there: {', '.join(names) or 'none'}"
+            )
     storage = ST.open_storage(url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if not names:
@@ -588,8 +696,9 @@ def _study_and_sweep(name: str | None, url: str | None, runs_dir: Path
             raise SF.SweepError(f"name the study: {', '.join(names)}")
         name = names[0]
     if name not in names:
-        raise SF.SweepError(f"no study {name!r} in {ST.describe_url(url)}; studies there: "
-                            f"{', '.join(names)}")
+        raise SF.SweepError(
+            f"no study {name!r} in {ST.describe_url(url)}; studies there: {', '.join(names)}"
+        )
     study = optuna.load_study(study_name=name, storage=storage)
     return study, stored_sweep(study)
 
@@ -597,8 +706,13 @@ def _study_and_sweep(name: str | None, url: str | None, runs_dir: Path
 def stored_sweep(study: optuna.Study) -> SF.Sweep:
     """The sweep a study was made from, rebuilt from its stored definition."""
     definition = {k: v for k, v in study.user_attrs[DEFINITION_ATTR].items() if v is not None}
-    return SF.parse({"name": study.user_attrs.get("sweep.name", study.study_name), **definition,
-                     "run_cap": study.user_attrs.get("sweep.run_cap") or 1})
+    return SF.parse(
+        {
+            "name": study.user_attrs.get("sweep.name", study.study_name),
+            **definition,
+            "run_cap": study.user_attrs.get("sweep.run_cap") or 1,
+        }
+    )
 
 
 def status(args: argparse.Namespace) -> int:
@@ -608,9 +722,11 @@ def status(args: argparse.Namespace) -> int:
     study, sweep = _study_and_sweep(args.study, args.storage, Path(args.runs_dir))
     tot = totals(study, sweep)
     console = Console(width=160)
-    console.print(f"{study.study_name}: {tot['done']} done, {tot['running']} running, "
-                  f"{tot['failed']} failed trials, {tot['left']} left "
-                  f"(of {tot['cells']} {'cells' if sweep.method == 'grid' else 'trials'})")
+    console.print(
+        f"{study.study_name}: {tot['done']} done, {tot['running']} running, "
+        f"{tot['failed']} failed trials, {tot['left']} left "
+        f"(of {tot['cells']} {'cells' if sweep.method == 'grid' else 'trials'})"
+    )
     table = Table()
     trials = study.get_trials(deepcopy=False)
     if sweep.method == "grid":
@@ -620,17 +736,24 @@ def status(args: argparse.Namespace) -> int:
             done = [t for t in entry["trials"] if trial_state(t) in DONE_STATES]
             last = done[0] if done else (entry["trials"][-1] if entry["trials"] else None)
             ua = last.user_attrs if last else {}
-            table.add_row(*(str(entry["cell"][k]) for k in sweep.swept), entry["state"],
-                          ",".join(str(t.number) for t in entry["trials"]),
-                          _fmt(ua.get("val/error")), _fmt(ua.get("test/error")))
+            table.add_row(
+                *(str(entry["cell"][k]) for k in sweep.swept),
+                entry["state"],
+                ",".join(str(t.number) for t in entry["trials"]),
+                _fmt(ua.get("val/error")),
+                _fmt(ua.get("test/error")),
+            )
     else:
         for col in ("trial", "state", *sweep.swept, "val/error", "test/error"):
             table.add_column(col)
         for t in trials:
-            table.add_row(str(t.number), trial_state(t),
-                          *(str(t.params.get(k, "")) for k in sweep.swept),
-                          _fmt(t.user_attrs.get("val/error")),
-                          _fmt(t.user_attrs.get("test/error")))
+            table.add_row(
+                str(t.number),
+                trial_state(t),
+                *(str(t.params.get(k, "")) for k in sweep.swept),
+                _fmt(t.user_attrs.get("val/error")),
+                _fmt(t.user_attrs.get("test/error")),
+            )
     console.print(table)
     return 0
 
@@ -643,21 +766,34 @@ def _fmt(v: Any) -> str:
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser("sweep", help="run a sweep file with Optuna (resumable)",
-                       description="Create or join the study named by the sweep file and run "
-                       "its trials in worker processes. Run the same command again to resume.")
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep file with Optuna (resumable)",
+        description="Create or join the study named by the sweep file and run "
+        "its trials in worker processes. Run the same command again to resume.",
+    )
     p.add_argument("file", help="sweep file (W&B sweep schema), e.g. sweeps/quickstart.yaml")
     p.add_argument("--study", help="study name (default: the file's name)")
     p.add_argument("--storage", help="Optuna storage URL (default runs/<study>/optuna.journal)")
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes")
-    p.add_argument("--devices", default=None,
-                   help="auto or a GPU list (0,1,...): one worker per GPU")
-    p.add_argument("--devices-per-trial", type=int, default=1, metavar="K",
-                   help="GPUs (or CPU processes) per trial, trained with Lightning DDP")
+    p.add_argument(
+        "--devices", default=None, help="auto or a GPU list (0,1,...): one worker per GPU"
+    )
+    p.add_argument(
+        "--devices-per-trial",
+        type=int,
+        default=1,
+        metavar="K",
+        help="GPUs (or CPU processes) per trial, trained with Lightning DDP",
+    )
     p.add_argument("--max-trials", type=int, default=None, help="start at most this many")
     p.add_argument("--dry-run", action="store_true", help="list the cells and their cost")
-    p.add_argument("--wandb", choices=wandb_log.MODES, default=None,
-                   help="default: online with W&B credentials, else offline")
+    p.add_argument(
+        "--wandb",
+        choices=wandb_log.MODES,
+        default=None,
+        help="default: online with W&B credentials, else offline",
+    )
     p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
     p.set_defaults(func=launch)
 

@@ -14,13 +14,26 @@ import yaml
 from ablations import settings as S
 from lightning_modules.family import SpecError
 
-TOP_KEYS = ("name", "description", "method", "metric", "parameters", "run_cap",
-            "early_terminate", "project", "entity", "selection")
+TOP_KEYS = (
+    "name",
+    "description",
+    "method",
+    "metric",
+    "parameters",
+    "run_cap",
+    "early_terminate",
+    "project",
+    "entity",
+    "selection",
+)
 # `selection` is ours, not W&B's: the cells a final sweep retrains, as written by
 # `ablate export --final-sweep` (ablations/export.py), and how they were chosen.
 SELECTION_KEYS = ("study", "by", "over", "cells")
-METHODS = {"grid": "Optuna GridSampler semantics (every cell once)", "random": "RandomSampler",
-           "bayes": "TPESampler"}
+METHODS = {
+    "grid": "Optuna GridSampler semantics (every cell once)",
+    "random": "RandomSampler",
+    "bayes": "TPESampler",
+}
 GOALS = ("minimize", "maximize")
 METRICS = ("val/error", "val/loss", "train/loss", "test/error")
 PARAM_KEYS = ("value", "values", "distribution", "min", "max")
@@ -117,15 +130,18 @@ def _err(msg: str) -> SweepError:
 def _check_keys(where: str, got: dict, valid: tuple[str, ...]) -> None:
     for key in got:
         if key not in valid:
-            raise _err(f"{where}: unknown key {key!r}{S.suggest(str(key), valid)} "
-                       f"(valid keys: {', '.join(valid)})")
+            raise _err(
+                f"{where}: unknown key {key!r}{S.suggest(str(key), valid)} "
+                f"(valid keys: {', '.join(valid)})"
+            )
 
 
 def _param(key: str, spec: Any) -> Param:
     where = f"parameters.{key}"
     if not isinstance(spec, dict):
-        raise _err(f"{where}: expected a mapping with one of value, values, distribution; "
-                   f"got {spec!r}")
+        raise _err(
+            f"{where}: expected a mapping with one of value, values, distribution; got {spec!r}"
+        )
     _check_keys(where, spec, PARAM_KEYS)
     kind = S.check_key(key).kind.split("|")[0]
 
@@ -160,8 +176,10 @@ def _param(key: str, spec: Any) -> Param:
     if dist is None:
         dist = "int_uniform" if kind == "int" else "uniform"
     if dist not in DISTRIBUTIONS[:3]:
-        raise _err(f"{where}.distribution={dist!r} is not one of the valid values: "
-                   f"{', '.join(DISTRIBUTIONS[:3])}")
+        raise _err(
+            f"{where}.distribution={dist!r} is not one of the valid values: "
+            f"{', '.join(DISTRIBUTIONS[:3])}"
+        )
     if kind not in ("int", "float"):
         raise _err(f"{where}: a {dist} distribution needs a numeric setting; {key} is {kind}")
     lo, hi = coerce(spec["min"]), coerce(spec["max"])
@@ -224,33 +242,43 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
         raise _err(f"metric: expected a mapping with name and goal, got {metric!r}")
     _check_keys("metric", metric, ("name", "goal"))
     if metric.get("name", "val/error") not in METRICS:
-        raise _err(f"metric.name={metric.get('name')!r} is not one of the valid values: "
-                   f"{', '.join(METRICS)}")
+        raise _err(
+            f"metric.name={metric.get('name')!r} is not one of the valid values: "
+            f"{', '.join(METRICS)}"
+        )
     if metric.get("goal", "minimize") not in GOALS:
-        raise _err(f"metric.goal={metric.get('goal')!r} is not one of the valid values: "
-                   f"{', '.join(GOALS)}")
+        raise _err(
+            f"metric.goal={metric.get('goal')!r} is not one of the valid values: {', '.join(GOALS)}"
+        )
     params_raw = raw["parameters"]
     if not isinstance(params_raw, dict) or not params_raw:
         raise _err("parameters: expected a non-empty mapping of setting keys")
     for key in params_raw:
         if key not in S.SCHEMA:
-            raise _err(f"parameters: unknown setting {key!r}{S.suggest(str(key), list(S.SCHEMA))}"
-                       f" (valid keys: {', '.join(S.SCHEMA)})")
+            raise _err(
+                f"parameters: unknown setting {key!r}{S.suggest(str(key), list(S.SCHEMA))}"
+                f" (valid keys: {', '.join(S.SCHEMA)})"
+            )
     params = {k: _param(k, v) for k, v in params_raw.items()}
     selection = _selection(raw.get("selection"), params)
     if "model.variant" in params:
         clash = [k for k in ("model.pooling", "model.strided_conv") if k in params]
         if clash:
-            raise _err(f"parameters: model.variant sets model.pooling and model.strided_conv; "
-                       f"do not also set {' and '.join(clash)}")
+            raise _err(
+                f"parameters: model.variant sets model.pooling and model.strided_conv; "
+                f"do not also set {' and '.join(clash)}"
+            )
     if method == "grid":
         continuous = [k for k, p in params.items() if p.distribution]
         if continuous:
-            raise _err(f"method=grid needs 'values' lists; {', '.join(continuous)} "
-                       "has a continuous distribution (use random or bayes)")
+            raise _err(
+                f"method=grid needs 'values' lists; {', '.join(continuous)} "
+                "has a continuous distribution (use random or bayes)"
+            )
     run_cap = raw.get("run_cap")
-    if run_cap is not None and (not isinstance(run_cap, int) or isinstance(run_cap, bool)
-                                or run_cap < 1):
+    if run_cap is not None and (
+        not isinstance(run_cap, int) or isinstance(run_cap, bool) or run_cap < 1
+    ):
         raise _err(f"run_cap={run_cap!r} must be a positive integer")
     if method != "grid" and run_cap is None:
         raise _err(f"method={method} needs run_cap (the number of trials)")
@@ -261,13 +289,15 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
             raise _err(f"early_terminate: expected a mapping, got {et!r}")
         _check_keys("early_terminate", et, EARLY_TERMINATE_KEYS)
         if et.get("type") != "hyperband":
-            raise _err(f"early_terminate.type={et.get('type')!r} is not one of the valid "
-                       "values: hyperband")
+            raise _err(
+                f"early_terminate.type={et.get('type')!r} is not one of the valid values: hyperband"
+            )
         hyperband = {}
         for key, default in (("min_iter", 1), ("eta", 3), ("max_iter", None)):
             value = et.get(key, default)
-            if value is not None and (not isinstance(value, int) or isinstance(value, bool)
-                                      or value < 1):
+            if value is not None and (
+                not isinstance(value, int) or isinstance(value, bool) or value < 1
+            ):
                 raise _err(f"early_terminate.{key}={value!r} must be a positive integer")
             hyperband[key] = value
         if hyperband["eta"] < 2:
@@ -275,16 +305,30 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
     for key in ("project", "entity", "description"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise _err(f"{key}: expected a string, got {raw[key]!r}")
-    sweep = Sweep(name=name, method=method, metric=metric.get("name", "val/error"),
-                  goal=metric.get("goal", "minimize"), params=params,
-                  description=raw.get("description") or "", run_cap=run_cap,
-                  hyperband=hyperband, project=raw.get("project"), entity=raw.get("entity"),
-                  selection=selection, raw=raw)
-    if params.get("data.val_size") and params["data.val_size"].values == (0,) \
-            and sweep.metric.startswith("val/"):
-        raise _err(f"metric.name={sweep.metric}: data.val_size=0 holds out no validation "
-                   "images; a sweep that trains on every image selects nothing, so use "
-                   "metric train/loss (as ablate export --final-sweep writes)")
+    sweep = Sweep(
+        name=name,
+        method=method,
+        metric=metric.get("name", "val/error"),
+        goal=metric.get("goal", "minimize"),
+        params=params,
+        description=raw.get("description") or "",
+        run_cap=run_cap,
+        hyperband=hyperband,
+        project=raw.get("project"),
+        entity=raw.get("entity"),
+        selection=selection,
+        raw=raw,
+    )
+    if (
+        params.get("data.val_size")
+        and params["data.val_size"].values == (0,)
+        and sweep.metric.startswith("val/")
+    ):
+        raise _err(
+            f"metric.name={sweep.metric}: data.val_size=0 holds out no validation "
+            "images; a sweep that trains on every image selects nothing, so use "
+            "metric train/loss (as ablate export --final-sweep writes)"
+        )
     try:
         S.resolve(sweep.base)
     except (S.SettingsError, SpecError) as err:

@@ -60,24 +60,41 @@ class SafeWandbLogger(WandbLogger):
         self._guard("finalize", super().finalize, status)
 
 
-def trial_logger(mode: str, *, study: str, trial: int, flat: dict[str, Any],
-                 swept: list[str], save_dir: Path, project: str | None,
-                 entity: str | None) -> SafeWandbLogger | None:
+def trial_logger(
+    mode: str,
+    *,
+    study: str,
+    trial: int,
+    flat: dict[str, Any],
+    swept: list[str],
+    save_dir: Path,
+    project: str | None,
+    entity: str | None,
+) -> SafeWandbLogger | None:
     """Start the trial's W&B run; None (with a warning) when W&B is off or cannot start."""
     if mode == "disabled":
         return None
-    config = {**{k: v for k, v in flat.items() if v is not None}, "study": study,
-              "trial": trial}
+    config = {**{k: v for k, v in flat.items() if v is not None}, "study": study, "trial": trial}
     tags = [f"{k}={flat[k]}"[:64] for k in swept if k in flat]
     try:
         logger = SafeWandbLogger(
-            project=project or "allconv-ablations", entity=entity, group=study,
-            job_type=flat["model.name"], name=run_name(flat, trial), tags=tags, config=config,
-            save_dir=str(save_dir), mode=mode, log_model=False, reinit="create_new")
+            project=project or "allconv-ablations",
+            entity=entity,
+            group=study,
+            job_type=flat["model.name"],
+            name=run_name(flat, trial),
+            tags=tags,
+            config=config,
+            save_dir=str(save_dir),
+            mode=mode,
+            log_model=False,
+            reinit="create_new",
+        )
         logger.experiment  # noqa: B018  (starts the run now, inside this try)
     except Exception as err:
-        log.warning("W&B run for trial %s could not start, the trial goes on without it: %s",
-                    trial, err)
+        log.warning(
+            "W&B run for trial %s could not start, the trial goes on without it: %s", trial, err
+        )
         return None
     return logger
 
@@ -97,19 +114,33 @@ def finish(logger: SafeWandbLogger | None, summary: dict[str, Any]) -> str | Non
     return run_id
 
 
-def log_table(mode: str, *, study: str, project: str | None, entity: str | None,
-              save_dir: Path, tables: dict[str, Any], images: dict[str, Path] | None = None
-              ) -> str | None:
+def log_table(
+    mode: str,
+    *,
+    study: str,
+    project: str | None,
+    entity: str | None,
+    save_dir: Path,
+    tables: dict[str, Any],
+    images: dict[str, Path] | None = None,
+) -> str | None:
     """The sweep's closing `ablation-table` run: DataFrames as wandb.Tables, plus figures."""
     if mode == "disabled":
         return None
     try:
         import wandb
 
-        run = wandb.init(project=project or "allconv-ablations", entity=entity, group=study,
-                         job_type="ablation-table", name=f"{study}-ablation-table",
-                         dir=str(save_dir), mode=mode, reinit="create_new",
-                         config={"study": study})
+        run = wandb.init(
+            project=project or "allconv-ablations",
+            entity=entity,
+            group=study,
+            job_type="ablation-table",
+            name=f"{study}-ablation-table",
+            dir=str(save_dir),
+            mode=mode,
+            reinit="create_new",
+            config={"study": study},
+        )
         payload: dict[str, Any] = {k: wandb.Table(dataframe=df) for k, df in tables.items()}
         for key, path in (images or {}).items():
             payload[key] = wandb.Image(str(path))

@@ -64,8 +64,17 @@ class PostgresServer:
         subprocess.run([*self.as_user, *cmd], check=True, capture_output=True, timeout=120)
 
     def start(self):
-        self._run(self.pg_ctl, "-D", self.data, "-l", os.path.join(self.dir, "log"), "-w",
-                  "-o", f"-p {self.port} -k {self.dir} -h 127.0.0.1", "start")
+        self._run(
+            self.pg_ctl,
+            "-D",
+            self.data,
+            "-l",
+            os.path.join(self.dir, "log"),
+            "-w",
+            "-o",
+            f"-p {self.port} -k {self.dir} -h 127.0.0.1",
+            "start",
+        )
 
     def stop(self, mode="fast"):
         self._run(self.pg_ctl, "-D", self.data, "-m", mode, "-w", "stop")

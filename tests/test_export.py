@@ -23,21 +23,36 @@ LRS = [0.1, 0.01]
 SEEDS = [0, 1, 2]
 
 
-def make_study(root: Path, name: str = "paper", raw: dict | None = None,
-               value=None, broken: dict | None = None) -> optuna.Study:
+def make_study(
+    root: Path, name: str = "paper", raw: dict | None = None, value=None, broken: dict | None = None
+) -> optuna.Study:
     """A realistic finished study: by default 2 variants x 2 lrs x 3 seeds with one diverged
     and one failed trial and known metrics (`value(cell)` gives the validation error)."""
-    raw = raw or {"name": name, "method": "grid",
-                  "metric": {"name": "val/error", "goal": "minimize"},
-                  "parameters": {"data.dataset": {"value": "cifar10"},
-                                 "train.epochs": {"value": 350},
-                                 "model.variant": {"values": VARIANTS},
-                                 "train.lr": {"values": LRS}, "seed": {"values": SEEDS}}}
-    value = value or (lambda c: 10 + 3 * VARIANTS.index(c["model.variant"])
-                      + 100 * c["train.lr"] + c["seed"] * 0.5)
-    broken = broken if broken is not None else {
-        (("model.variant", "base"), ("seed", 2), ("train.lr", 0.1)): "diverged",
-        (("model.variant", "all-cnn"), ("seed", 1), ("train.lr", 0.01)): "failed"}
+    raw = raw or {
+        "name": name,
+        "method": "grid",
+        "metric": {"name": "val/error", "goal": "minimize"},
+        "parameters": {
+            "data.dataset": {"value": "cifar10"},
+            "train.epochs": {"value": 350},
+            "model.variant": {"values": VARIANTS},
+            "train.lr": {"values": LRS},
+            "seed": {"values": SEEDS},
+        },
+    }
+    value = value or (
+        lambda c: (
+            10 + 3 * VARIANTS.index(c["model.variant"]) + 100 * c["train.lr"] + c["seed"] * 0.5
+        )
+    )
+    broken = (
+        broken
+        if broken is not None
+        else {
+            (("model.variant", "base"), ("seed", 2), ("train.lr", 0.1)): "diverged",
+            (("model.variant", "all-cnn"), ("seed", 1), ("train.lr", 0.01)): "failed",
+        }
+    )
     (root / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     sweep = SF.load(root / f"{name}.yaml")
     study = SW.open_study(sweep, ST.default_url(name, root / "runs"), name, create=True)
@@ -46,21 +61,40 @@ def make_study(root: Path, name: str = "paper", raw: dict | None = None,
         settings = S.resolve({**sweep.base, **cell})
         flat = S.flat_with_name(settings, S.model_spec(settings))
         val = value(cell)
-        attrs = {"cell": SF.cell_id(cell), "settings": flat, "params": 954_730,
-                 "macs": 1, "val/error": val, "test/error": val - 1, "best_epoch": 300,
-                 "epochs_run": 350, "fit_seconds": 100.0 + i, "images_per_second": 500.0,
-                 "precision": "32-true", "device": "test", "wandb_run_id": f"w{i}",
-                 "git_commit": "abc", "state": "complete"}
+        attrs = {
+            "cell": SF.cell_id(cell),
+            "settings": flat,
+            "params": 954_730,
+            "macs": 1,
+            "val/error": val,
+            "test/error": val - 1,
+            "best_epoch": 300,
+            "epochs_run": 350,
+            "fit_seconds": 100.0 + i,
+            "images_per_second": 500.0,
+            "precision": "32-true",
+            "device": "test",
+            "wandb_run_id": f"w{i}",
+            "git_commit": "abc",
+            "state": "complete",
+        }
         state, objective = TrialState.COMPLETE, val
         what = broken.get(tuple(sorted(cell.items())))
         if what:
-            attrs.update(state=what, error_message="non-finite training loss"
-                         if what == "diverged" else "RuntimeError: boom")
+            attrs.update(
+                state=what,
+                error_message="non-finite training loss"
+                if what == "diverged"
+                else "RuntimeError: boom",
+            )
             attrs.pop("val/error"), attrs.pop("test/error")
             state, objective = TrialState.FAIL, None
         dists = {k: CategoricalDistribution(sweep.params[k].values) for k in cell}
-        study.add_trial(create_trial(state=state, value=objective, params=cell,
-                                     distributions=dists, user_attrs=attrs))
+        study.add_trial(
+            create_trial(
+                state=state, value=objective, params=cell, distributions=dists, user_attrs=attrs
+            )
+        )
     return study
 
 
@@ -87,11 +121,18 @@ def test_trials_frame_matches_the_study_column_by_column(study):
             want = t.user_attrs.get(key)
             assert (pd.isna(row[key]) and want is None) or row[key] == want, key
         assert row["error_message"] == t.user_attrs.get("error_message") or (
-            pd.isna(row["error_message"]) and "error_message" not in t.user_attrs)
+            pd.isna(row["error_message"]) and "error_message" not in t.user_attrs
+        )
         assert row["datetime_start"] == t.datetime_start.isoformat()
     # ordered by the swept factors in the file's order, then seed, then trial
-    keys = list(zip(df["model.variant"].map(VARIANTS.index), df["train.lr"].map(LRS.index),
-                    df["seed"], df["trial"]))
+    keys = list(
+        zip(
+            df["model.variant"].map(VARIANTS.index),
+            df["train.lr"].map(LRS.index),
+            df["seed"],
+            df["trial"],
+        )
+    )
     assert keys == sorted(keys)
     assert set(df["state"]) == {"complete", "diverged", "failed"}
 
@@ -127,10 +168,14 @@ def test_select_by_validation_reports_test_at_the_chosen_lr(study):
 def test_a_rate_whose_seeds_diverged_cannot_win_on_its_survivor(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # lr 0.1 is far better on its one surviving seed; two of its three seeds diverged
-    broken = {(("model.variant", v), ("seed", s), ("train.lr", 0.1)): "diverged"
-              for v in VARIANTS for s in (1, 2)}
-    study = make_study(tmp_path, value=lambda c: (1 if c["train.lr"] == 0.1 else 20)
-                       + c["seed"], broken=broken)
+    broken = {
+        (("model.variant", v), ("seed", s), ("train.lr", 0.1)): "diverged"
+        for v in VARIANTS
+        for s in (1, 2)
+    }
+    study = make_study(
+        tmp_path, value=lambda c: (1 if c["train.lr"] == 0.1 else 20) + c["seed"], broken=broken
+    )
     t = E.build(study, select_by="val/error", over=["train.lr"])
     assert list(t.summary["train.lr"]) == [0.01, 0.01]
     sel = t.selection.set_index(["model.variant", "train.lr"])
@@ -151,9 +196,11 @@ def test_no_paper_numbers_off_the_protocol_and_the_export_says_why(study, capsys
     # and two of the paper's four rates
     t = E.build(study, select_by="val/error", over=["train.lr"])
     assert "paper test/error" not in t.summary
-    assert t.notes == ["paper numbers omitted: data.preprocess=standardize, "
-                       "data.val_size=auto, model.score_relu=False, train.lr chosen over "
-                       "0.1,0.01 (the paper's grid is 0.25,0.1,0.05,0.01)"]
+    assert t.notes == [
+        "paper numbers omitted: data.preprocess=standardize, "
+        "data.val_size=auto, model.score_relu=False, train.lr chosen over "
+        "0.1,0.01 (the paper's grid is 0.25,0.1,0.05,0.01)"
+    ]
     assert main(["export", "paper"]) == 0
     out = capsys.readouterr().out
     assert "9.08" not in out and "9.74" not in out
@@ -162,20 +209,34 @@ def test_no_paper_numbers_off_the_protocol_and_the_export_says_why(study, capsys
 
 
 PROTOCOL_FINAL = {
-    "name": "final", "method": "grid", "metric": {"name": "train/loss", "goal": "minimize"},
-    "parameters": {"data.dataset": {"value": "cifar10"}, "data.preprocess": {"value": "gcn-zca"},
-                   "data.val_size": {"value": 0}, "model.score_relu": {"value": True},
-                   "train.epochs": {"value": 350}, "seed": {"values": SEEDS}},
-    "selection": {"study": "paper", "by": "val/error",
-                  "over": {"train.lr": [0.25, 0.1, 0.05, 0.01]},
-                  "cells": [{"model.variant": "base", "train.lr": 0.05},
-                            {"model.variant": "all-cnn", "train.lr": 0.01}]}}
+    "name": "final",
+    "method": "grid",
+    "metric": {"name": "train/loss", "goal": "minimize"},
+    "parameters": {
+        "data.dataset": {"value": "cifar10"},
+        "data.preprocess": {"value": "gcn-zca"},
+        "data.val_size": {"value": 0},
+        "model.score_relu": {"value": True},
+        "train.epochs": {"value": 350},
+        "seed": {"values": SEEDS},
+    },
+    "selection": {
+        "study": "paper",
+        "by": "val/error",
+        "over": {"train.lr": [0.25, 0.1, 0.05, 0.01]},
+        "cells": [
+            {"model.variant": "base", "train.lr": 0.05},
+            {"model.variant": "all-cnn", "train.lr": 0.01},
+        ],
+    },
+}
 
 
 def test_paper_numbers_beside_a_final_run_on_the_protocol(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    study = make_study(tmp_path, "final", raw=PROTOCOL_FINAL, broken={},
-                       value=lambda c: 10 + c["seed"])
+    study = make_study(
+        tmp_path, "final", raw=PROTOCOL_FINAL, broken={}, value=lambda c: 10 + c["seed"]
+    )
     t = E.build(study)
     row = t.summary.set_index("model.name")
     assert row.loc["All-CNN-C", "paper test/error"] == 9.08
@@ -183,16 +244,32 @@ def test_paper_numbers_beside_a_final_run_on_the_protocol(tmp_path, monkeypatch)
     assert row.loc["All-CNN-C", "Δ test/error"] == pytest.approx(10 - 9.08)
     assert t.notes == []
     # the same trials with a rate chosen from two of the paper's rates would not qualify
-    raw = {**PROTOCOL_FINAL, "name": "narrow",
-           "selection": {**PROTOCOL_FINAL["selection"], "over": {"train.lr": [0.05, 0.01]}}}
+    raw = {
+        **PROTOCOL_FINAL,
+        "name": "narrow",
+        "selection": {**PROTOCOL_FINAL["selection"], "over": {"train.lr": [0.05, 0.01]}},
+    }
     narrow = make_study(tmp_path, "narrow", raw=raw, broken={}, value=lambda c: 10)
     assert "paper test/error" not in E.build(narrow).summary
 
 
 def test_final_sweep_file_retrains_the_selected_cells(study, tmp_path, capsys):
     path = tmp_path / "final.yaml"
-    assert main(["export", "paper", "--select-by", "val/error", "--over", "train.lr",
-                 "--final-sweep", str(path)]) == 0
+    assert (
+        main(
+            [
+                "export",
+                "paper",
+                "--select-by",
+                "val/error",
+                "--over",
+                "train.lr",
+                "--final-sweep",
+                str(path),
+            ]
+        )
+        == 0
+    )
     sweep = SF.load(path)
     assert sweep.base["data.val_size"] == 0 and sweep.metric == "train/loss"
     cells, invalid = sweep.cells()
@@ -208,9 +285,16 @@ def test_final_sweep_file_retrains_the_selected_cells(study, tmp_path, capsys):
 def test_effects_against_a_hand_computation(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     noise = {0: 0.0, 1: 0.7, 2: -0.4}
-    study = make_study(tmp_path, broken={}, value=lambda c: 10 + 2 * (
-        c["model.variant"] == "all-cnn") + noise[c["seed"]] * (c["model.variant"] == "all-cnn")
-        + 100 * c["train.lr"])
+    study = make_study(
+        tmp_path,
+        broken={},
+        value=lambda c: (
+            10
+            + 2 * (c["model.variant"] == "all-cnn")
+            + noise[c["seed"]] * (c["model.variant"] == "all-cnn")
+            + 100 * c["train.lr"]
+        ),
+    )
     eff = E.build(study).effects.set_index("factor")
     from scipy import stats
 
@@ -230,7 +314,8 @@ def test_effects_against_a_hand_computation(tmp_path, monkeypatch):
     # Holm over the two comparisons: the smaller p times 2, the larger times 1 (monotone)
     ps = sorted([v["p_value"], lr["p_value"]])
     assert sorted([v["p_holm"], lr["p_holm"]]) == pytest.approx(
-        [min(1, 2 * ps[0]), max(min(1, 2 * ps[0]), ps[1])])
+        [min(1, 2 * ps[0]), max(min(1, 2 * ps[0]), ps[1])]
+    )
 
 
 def test_holm_by_hand():
@@ -245,9 +330,19 @@ def test_holm_by_hand():
 def test_latex_markdown_and_figure(study, tmp_path):
     out = tmp_path / "out"
     written = E.write(study, out)
-    assert set(written) == {"summary.csv", "summary.md", "summary.pdf", "summary.png",
-                            "summary.tex", "trials.csv", "effects.csv", "effects.md",
-                            "effects.tex", "effects.png", "effects.pdf"}
+    assert set(written) == {
+        "summary.csv",
+        "summary.md",
+        "summary.pdf",
+        "summary.png",
+        "summary.tex",
+        "trials.csv",
+        "effects.csv",
+        "effects.md",
+        "effects.tex",
+        "effects.png",
+        "effects.pdf",
+    }
     tex = (out / "summary.tex").read_text()
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):
         assert tex.count(rule) == 1
@@ -268,22 +363,32 @@ def test_latex_markdown_and_figure(study, tmp_path):
     assert (out / "summary.pdf").read_bytes().startswith(b"%PDF")
 
 
-@pytest.mark.skipif(shutil.which("pdflatex") is None,
-                    reason="pdflatex is absent: apt-get install texlive-latex-recommended "
-                    "(.ci/run installs it as root)")
+@pytest.mark.skipif(
+    shutil.which("pdflatex") is None,
+    reason="pdflatex is absent: apt-get install texlive-latex-recommended "
+    "(.ci/run installs it as root)",
+)
 @pytest.mark.parametrize("select", [False, True])
 def test_latex_compiles_without_an_overfull_box(study, tmp_path, select):
     out = tmp_path / "out"
     kw = {"select_by": "val/error", "over": ["train.lr"]} if select else {}
-    E.write(study, out, formats=["tex"], metrics=["val/error", "test/error",
-                                                  "test/error_dropout"], **kw)
+    E.write(
+        study, out, formats=["tex"], metrics=["val/error", "test/error", "test/error_dropout"], **kw
+    )
     doc = out / "doc.tex"
-    doc.write_text("\\documentclass{article}\n"
-                   "\\usepackage{booktabs,graphicx,xcolor,amsmath,array}\n"
-                   "\\begin{document}\n\\input{summary.tex}\n\\input{effects.tex}\n"
-                   "\\end{document}\n")
-    run = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error",
-                          "doc.tex"], cwd=out, capture_output=True, text=True, timeout=120)
+    doc.write_text(
+        "\\documentclass{article}\n"
+        "\\usepackage{booktabs,graphicx,xcolor,amsmath,array}\n"
+        "\\begin{document}\n\\input{summary.tex}\n\\input{effects.tex}\n"
+        "\\end{document}\n"
+    )
+    run = subprocess.run(
+        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
+        cwd=out,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     log = (out / "doc.log").read_text(errors="replace")
     assert run.returncode == 0, log[-2000:]
     assert "Overfull" not in log, [ln for ln in log.splitlines() if "Overfull" in ln]
@@ -318,19 +423,28 @@ def test_export_of_a_running_sweep_marks_rows(study):
     assert (df["state"] == "running").sum() == 1
 
 
-@pytest.mark.parametrize("argv,message", [
-    (["export", "nope"], "unknown study 'nope'; studies in"),
-    (["export", "paper", "--select-by", "train/loss", "--over", "train.lr"],
-     "--select-by train/loss: no trial has this metric"),
-    (["export", "paper", "--select-by", "val/error", "--over", "train.momentum"],
-     "--over train.momentum: not a swept factor"),
-    (["export", "paper", "--format", "csv,docx"], "--format 'csv,docx': give one or more of"),
-    (["export", "paper", "--format", ""], "--format '': give one or more of"),
-    (["export", "paper", "--over", "train.lr"], "--over needs --select-by"),
-    (["export", "paper", "--select-by", "val/loss", "--over", "train.lr"],
-     "--select-by val/loss: no trial has this metric"),
-    (["export", "paper", "--final-sweep", "f.yaml"], "--final-sweep needs --select-by"),
-])
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["export", "nope"], "unknown study 'nope'; studies in"),
+        (
+            ["export", "paper", "--select-by", "train/loss", "--over", "train.lr"],
+            "--select-by train/loss: no trial has this metric",
+        ),
+        (
+            ["export", "paper", "--select-by", "val/error", "--over", "train.momentum"],
+            "--over train.momentum: not a swept factor",
+        ),
+        (["export", "paper", "--format", "csv,docx"], "--format 'csv,docx': give one or more of"),
+        (["export", "paper", "--format", ""], "--format '': give one or more of"),
+        (["export", "paper", "--over", "train.lr"], "--over needs --select-by"),
+        (
+            ["export", "paper", "--select-by", "val/loss", "--over", "train.lr"],
+            "--select-by val/loss: no trial has this metric",
+        ),
+        (["export", "paper", "--final-sweep", "f.yaml"], "--final-sweep needs --select-by"),
+    ],
+)
 def test_bad_export_input(study, capsys, argv, message, tmp_path):
     url = ST.default_url("paper", Path("runs"))
     before = tree(tmp_path)

@@ -26,13 +26,25 @@ pytestmark = pytest.mark.slow
 
 
 def sweep_cmd(file, url, workers=1):
-    return [sys.executable, "-m", "ablations.cli", "sweep", str(file), "--storage", url,
-            "--workers", str(workers), "--wandb", "disabled"]
+    return [
+        sys.executable,
+        "-m",
+        "ablations.cli",
+        "sweep",
+        str(file),
+        "--storage",
+        url,
+        "--workers",
+        str(workers),
+        "--wandb",
+        "disabled",
+    ]
 
 
 def env_for(host, **extra):
-    return dict(os.environ, ALLCONV_HOST=host, ALLCONV_HEARTBEAT_S="1", ALLCONV_GRACE_S="5",
-                **extra)
+    return dict(
+        os.environ, ALLCONV_HOST=host, ALLCONV_HEARTBEAT_S="1", ALLCONV_GRACE_S="5", **extra
+    )
 
 
 def trials_of(url, name="t"):
@@ -43,9 +55,11 @@ def wait_for_running(url, timeout=120):
     deadline = time.time() + timeout
     while time.time() < deadline:
         try:
-            running = [t for t in trials_of(url)
-                       if t.state == optuna.trial.TrialState.RUNNING
-                       and "worker.pid" in t.user_attrs]
+            running = [
+                t
+                for t in trials_of(url)
+                if t.state == optuna.trial.TrialState.RUNNING and "worker.pid" in t.user_attrs
+            ]
         except KeyError:
             running = []
         if running:
@@ -66,13 +80,19 @@ def test_unreachable_postgres_names_host_port_database(tmp_path, in_tmp, capsys,
 def test_machines_starting_together_on_an_empty_database(postgres):
     """Optuna creates its tables on first use; six machines doing so at one instant must not
     collide on CREATE TABLE (without the schema lock, most rounds fail)."""
-    code = ("import sys, time; from ablations.storage import open_storage; "
-            "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); open_storage(sys.argv[1])")
+    code = (
+        "import sys, time; from ablations.storage import open_storage; "
+        "time.sleep(max(0.0, float(sys.argv[2]) - time.time())); open_storage(sys.argv[1])"
+    )
     for round in range(3):
         url = postgres.create_db(f"empty{round}")
         start = time.time() + 8
-        procs = [subprocess.Popen([sys.executable, "-c", code, url, str(start)],
-                                  stderr=subprocess.PIPE, text=True) for _ in range(6)]
+        procs = [
+            subprocess.Popen(
+                [sys.executable, "-c", code, url, str(start)], stderr=subprocess.PIPE, text=True
+            )
+            for _ in range(6)
+        ]
         errors = [p.stderr.read() for p in procs if p.wait(timeout=120) != 0]
         assert not errors, errors[0]
         assert optuna.get_all_study_names(url) == []
@@ -80,11 +100,23 @@ def test_machines_starting_together_on_an_empty_database(postgres):
 
 def test_four_machines_race_on_one_grid(tmp_path, in_tmp, postgres):
     url = postgres.create_db("race")
-    file = write_sweep(tmp_path / "s.yaml", parameters={
-        "model.variant": {"values": ["base", "all-cnn"]}, "seed": {"values": [0, 1, 2, 3]}})
-    procs = [subprocess.Popen(sweep_cmd(file, url), env=env_for(f"machine{i}"),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for i in range(4)]
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={
+            "model.variant": {"values": ["base", "all-cnn"]},
+            "seed": {"values": [0, 1, 2, 3]},
+        },
+    )
+    procs = [
+        subprocess.Popen(
+            sweep_cmd(file, url),
+            env=env_for(f"machine{i}"),
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for i in range(4)
+    ]
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
     trials = trials_of(url)
@@ -94,19 +126,30 @@ def test_four_machines_race_on_one_grid(tmp_path, in_tmp, postgres):
     assert len({t.user_attrs["worker.host"] for t in trials}) >= 2
 
 
-def test_sigkilled_machine_is_noticed_by_heartbeat_and_its_cell_rerun(tmp_path, in_tmp,
-                                                                      postgres):
+def test_sigkilled_machine_is_noticed_by_heartbeat_and_its_cell_rerun(tmp_path, in_tmp, postgres):
     url = postgres.create_db("kill")
-    file = write_sweep(tmp_path / "s.yaml", parameters={
-        **FAST, "data.subset": {"value": 2000}, "train.epochs": {"value": 6},
-        "model.variant": {"values": ["all-cnn"]}, "seed": {"values": [0, 1]}})
-    first = subprocess.Popen(sweep_cmd(file, url), env=env_for("doomed"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={
+            **FAST,
+            "data.subset": {"value": 2000},
+            "train.epochs": {"value": 6},
+            "model.variant": {"values": ["all-cnn"]},
+            "seed": {"values": [0, 1]},
+        },
+    )
+    first = subprocess.Popen(
+        sweep_cmd(file, url),
+        env=env_for("doomed"),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     victim = wait_for_running(url)
     os.kill(victim.user_attrs["worker.pid"], signal.SIGKILL)
     first.wait(timeout=60)
-    out = subprocess.run(sweep_cmd(file, url), env=env_for("survivor"), capture_output=True,
-                         text=True, timeout=600)
+    out = subprocess.run(
+        sweep_cmd(file, url), env=env_for("survivor"), capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     trials = trials_of(url)
     by_state = {}
@@ -121,11 +164,19 @@ def test_sigkilled_machine_is_noticed_by_heartbeat_and_its_cell_rerun(tmp_path, 
 
 def test_database_going_away_mid_sweep_then_coming_back(tmp_path, in_tmp, postgres):
     url = postgres.create_db("outage")
-    file = write_sweep(tmp_path / "s.yaml", parameters={
-        **FAST, "data.subset": {"value": 1000}, "train.epochs": {"value": 3},
-        "model.variant": {"values": ["base", "all-cnn"]}, "seed": {"values": [0, 1]}})
-    sweep = subprocess.Popen(sweep_cmd(file, url), env=env_for("m"),
-                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={
+            **FAST,
+            "data.subset": {"value": 1000},
+            "train.epochs": {"value": 3},
+            "model.variant": {"values": ["base", "all-cnn"]},
+            "seed": {"values": [0, 1]},
+        },
+    )
+    sweep = subprocess.Popen(
+        sweep_cmd(file, url), env=env_for("m"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
     deadline = time.time() + 300
     done = []
     while time.time() < deadline and not done:
@@ -143,8 +194,9 @@ def test_database_going_away_mid_sweep_then_coming_back(tmp_path, in_tmp, postgr
         assert "failed" in log and "Run the same command again" in log
     finally:
         postgres.start()
-    out = subprocess.run(sweep_cmd(file, url), env=env_for("m"), capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run(
+        sweep_cmd(file, url), env=env_for("m"), capture_output=True, text=True, timeout=600
+    )
     assert out.returncode == 0, out.stderr
     trials = trials_of(url)
     complete = [t for t in trials if SW.trial_state(t) == "complete"]
@@ -161,18 +213,26 @@ class RankReport(Callback):
 
     def on_train_start(self, trainer, pl_module):
         loader = trainer.train_dataloader
-        (self.folder / f"rank{trainer.global_rank}.json").write_text(json.dumps({
-            "hparams": dict(pl_module.hparams), "world": trainer.world_size,
-            "shard": loader.indices(0).tolist()}))
+        (self.folder / f"rank{trainer.global_rank}.json").write_text(
+            json.dumps(
+                {
+                    "hparams": dict(pl_module.hparams),
+                    "world": trainer.world_size,
+                    "shard": loader.indices(0).tolist(),
+                }
+            )
+        )
 
 
 def test_ddp_trial_on_two_cpu_ranks(tmp_path, in_tmp):
     from ablations import run
 
-    settings = S.resolve({k: v["value"] for k, v in FAST.items()} | {
-        "model.variant": "all-cnn", "train.epochs": 1})
-    result = run.train(settings, tmp_path / "run", devices=2, progress=False,
-                       callbacks=[RankReport(tmp_path)])
+    settings = S.resolve(
+        {k: v["value"] for k, v in FAST.items()} | {"model.variant": "all-cnn", "train.epochs": 1}
+    )
+    result = run.train(
+        settings, tmp_path / "run", devices=2, progress=False, callbacks=[RankReport(tmp_path)]
+    )
     assert result["state"] == "complete" and result["epochs_run"] == 1
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["hparams"] == ranks[1]["hparams"]
@@ -183,15 +243,31 @@ def test_ddp_trial_on_two_cpu_ranks(tmp_path, in_tmp):
 
 
 def test_ddp_sweep_trial_logs_one_wandb_run_and_one_result(tmp_path, in_tmp):
-    file = write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"},
-                                                         "seed": {"values": [0]}})
-    out = subprocess.run([sys.executable, "-m", "ablations.cli", "sweep", str(file),
-                          "--devices-per-trial", "2", "--wandb", "offline"],
-                         capture_output=True, text=True, timeout=600)
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={"model.variant": {"value": "all-cnn"}, "seed": {"values": [0]}},
+    )
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ablations.cli",
+            "sweep",
+            str(file),
+            "--devices-per-trial",
+            "2",
+            "--wandb",
+            "offline",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
     assert out.returncode == 0, out.stderr
     trials = trials_of(ST.open_storage(ST.default_url("t", Path("runs"))))
     assert [SW.trial_state(t) for t in trials] == ["complete"], [
-        t.user_attrs.get("error_message") for t in trials]
+        t.user_attrs.get("error_message") for t in trials
+    ]
     assert trials[0].user_attrs["wandb_run_id"]
     assert len(list(Path("runs/t/trials").glob("*/wandb/offline-run-*"))) == 1
 

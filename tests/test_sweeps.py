@@ -29,8 +29,12 @@ FAST = {
 
 
 def write_sweep(path: Path, **overrides) -> Path:
-    raw = {"name": "t", "method": "grid", "metric": {"name": "val/error", "goal": "minimize"},
-           "parameters": {**FAST, "model.variant": {"values": ["base", "all-cnn"]}}}
+    raw = {
+        "name": "t",
+        "method": "grid",
+        "metric": {"name": "val/error", "goal": "minimize"},
+        "parameters": {**FAST, "model.variant": {"values": ["base", "all-cnn"]}},
+    }
     params = overrides.pop("parameters", {})
     raw.update(overrides)
     raw["parameters"] = {**raw["parameters"], **params}
@@ -43,42 +47,56 @@ def run_worker(file: Path, study: str = "t", runs: Path = Path("runs"), **kw) ->
     sweep = SF.load(file)
     url = kw.pop("storage", ST.default_url(study, runs))
     SW.open_study(sweep, url, study, create=True)
-    argv = [str(file), "--study", study, "--storage", url, "--runs-dir", str(runs / study),
-            "--wandb", kw.pop("wandb", "disabled")]
+    argv = [
+        str(file),
+        "--study",
+        study,
+        "--storage",
+        url,
+        "--runs-dir",
+        str(runs / study),
+        "--wandb",
+        kw.pop("wandb", "disabled"),
+    ]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
     assert SW.worker_main(argv) == 0
 
 
 def load(study="t", runs=Path("runs")):
-    return optuna.load_study(study_name=study, storage=ST.open_storage(
-        ST.default_url(study, runs)))
+    return optuna.load_study(study_name=study, storage=ST.open_storage(ST.default_url(study, runs)))
 
 
 def complete_cells(study):
-    return sorted(t.user_attrs["cell"] for t in study.get_trials()
-                  if SW.trial_state(t) in SW.DONE_STATES)
+    return sorted(
+        t.user_attrs["cell"] for t in study.get_trials() if SW.trial_state(t) in SW.DONE_STATES
+    )
 
 
 # --- the file --------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("change,message", [
-    ({"colour": "red"}, "unknown key 'colour'"),
-    ({"parameters": {"train.lrr": {"value": 0.1}}}, "did you mean 'train.lr'"),
-    ({"parameters": {"model.head": {"values": ["gap", "mlp"]}}}, "valid values: gap, fc"),
-    ({"parameters": {"train.epochs": {"value": "two"}}}, "wrong type: expected int"),
-    ({"parameters": {"seed": {"values": []}}}, "seed.values is empty"),
-    ({"parameters": {"train.lr": {"min": 0.01, "max": 0.1}}}, "method=grid needs 'values'"),
-    ({"parameters": {"model.pooling": {"value": "max"}}}, "do not also set model.pooling"),
-    ({"method": "evolution"}, "valid values: grid, random, bayes"),
-    ({"metric": {"name": "accuracy"}}, "metric.name='accuracy'"),
-    ({"early_terminate": {"type": "asha"}}, "valid values: hyperband"),
-    ({"method": "random"}, "needs run_cap"),
-    ({"parameters": {"train.lr": {"values": [0.1], "min": 0}}}, "cannot be combined with min"),
-    ({"parameters": {"train.lr": {"values": [0.1], "distribution": "uniform"}}},
-     "'values' goes with distribution categorical"),
-])
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        ({"colour": "red"}, "unknown key 'colour'"),
+        ({"parameters": {"train.lrr": {"value": 0.1}}}, "did you mean 'train.lr'"),
+        ({"parameters": {"model.head": {"values": ["gap", "mlp"]}}}, "valid values: gap, fc"),
+        ({"parameters": {"train.epochs": {"value": "two"}}}, "wrong type: expected int"),
+        ({"parameters": {"seed": {"values": []}}}, "seed.values is empty"),
+        ({"parameters": {"train.lr": {"min": 0.01, "max": 0.1}}}, "method=grid needs 'values'"),
+        ({"parameters": {"model.pooling": {"value": "max"}}}, "do not also set model.pooling"),
+        ({"method": "evolution"}, "valid values: grid, random, bayes"),
+        ({"metric": {"name": "accuracy"}}, "metric.name='accuracy'"),
+        ({"early_terminate": {"type": "asha"}}, "valid values: hyperband"),
+        ({"method": "random"}, "needs run_cap"),
+        ({"parameters": {"train.lr": {"values": [0.1], "min": 0}}}, "cannot be combined with min"),
+        (
+            {"parameters": {"train.lr": {"values": [0.1], "distribution": "uniform"}}},
+            "'values' goes with distribution categorical",
+        ),
+    ],
+)
 def test_bad_sweep_files_exit_2_and_write_nothing(tmp_path, in_tmp, capsys, change, message):
     file = write_sweep(tmp_path / "s.yaml", **change)
     before = tree(in_tmp)
@@ -89,9 +107,14 @@ def test_bad_sweep_files_exit_2_and_write_nothing(tmp_path, in_tmp, capsys, chan
 
 
 def test_invalid_grid_cells_are_listed_and_skipped(tmp_path, in_tmp, capsys):
-    file = write_sweep(tmp_path / "s.yaml", parameters={
-        "model.variant": None, "model.pooling": {"values": ["max", "none"]},
-        "model.strided_conv": {"values": ["fold", "extra"]}})
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={
+            "model.variant": None,
+            "model.pooling": {"values": ["max", "none"]},
+            "model.strided_conv": {"values": ["fold", "extra"]},
+        },
+    )
     raw = yaml.safe_load(file.read_text())
     del raw["parameters"]["model.variant"]
     file.write_text(yaml.safe_dump(raw))
@@ -130,8 +153,17 @@ def test_unreachable_storage_is_named(tmp_path, in_tmp, capsys):
 
 def test_two_workers_complete_every_cell_once_and_a_rerun_adds_nothing(tmp_path, in_tmp):
     file = write_sweep(tmp_path / "s.yaml", parameters={"seed": {"values": [0, 1]}})
-    cmd = [sys.executable, "-m", "ablations.cli", "sweep", str(file), "--workers", "2",
-           "--wandb", "disabled"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ablations.cli",
+        "sweep",
+        str(file),
+        "--workers",
+        "2",
+        "--wandb",
+        "disabled",
+    ]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     study = load()
@@ -144,11 +176,25 @@ def test_two_workers_complete_every_cell_once_and_a_rerun_adds_nothing(tmp_path,
 
 
 def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
-    params = {**FAST, "data.subset": {"value": 2000}, "train.epochs": {"value": 8},
-              "model.variant": {"values": ["all-cnn"]}, "seed": {"values": [0]}}
+    params = {
+        **FAST,
+        "data.subset": {"value": 2000},
+        "train.epochs": {"value": 8},
+        "model.variant": {"values": ["all-cnn"]},
+        "seed": {"values": [0]},
+    }
     file = write_sweep(tmp_path / "s.yaml", parameters=params)
-    cmd = [sys.executable, "-m", "ablations.cli", "sweep", str(file), "--workers", "1",
-           "--wandb", "disabled"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "ablations.cli",
+        "sweep",
+        str(file),
+        "--workers",
+        "1",
+        "--wandb",
+        "disabled",
+    ]
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid = None
     deadline = time.time() + 120
@@ -175,42 +221,67 @@ def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
 
 
 def test_diverged_trial_is_recorded_not_retried_and_the_sweep_goes_on(tmp_path, in_tmp):
-    file = write_sweep(tmp_path / "s.yaml", parameters={
-        "model.variant": {"value": "all-cnn"}, "model.dropout": {"value": "none"},
-        "train.lr": {"values": [1e12, 0.01]}})
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={
+            "model.variant": {"value": "all-cnn"},
+            "model.dropout": {"value": "none"},
+            "train.lr": {"values": [1e12, 0.01]},
+        },
+    )
     run_worker(file)
     trials = load().get_trials()
     states = {t.params["train.lr"]: SW.trial_state(t) for t in trials}
     assert states == {1e12: "diverged", 0.01: "complete"}
-    assert "non-finite" in next(t for t in trials
-                                if t.params["train.lr"] == 1e12).user_attrs["error_message"]
+    assert (
+        "non-finite"
+        in next(t for t in trials if t.params["train.lr"] == 1e12).user_attrs["error_message"]
+    )
     run_worker(file)  # resume: the diverged cell is a result, not retried
     assert len(load().get_trials()) == 2
 
 
 def test_wandb_offline_run_files(tmp_path, in_tmp):
-    file = write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"},
-                                                         "seed": {"values": [3, 4]}})
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={"model.variant": {"value": "all-cnn"}, "seed": {"values": [3, 4]}},
+    )
     run_worker(file, wandb="offline", limit=1)
     trial = load().get_trials()[0]
     run_dirs = list(Path("runs/t/trials").glob("*/wandb/offline-run-*"))
     assert len(run_dirs) == 1
     wandb = Path(sys.executable).parent / "wandb"
-    out = subprocess.run([str(wandb), "leet", "inspect", "--json", str(run_dirs[0])],
-                         capture_output=True, text=True, timeout=60)
+    out = subprocess.run(
+        [str(wandb), "leet", "inspect", "--json", str(run_dirs[0])],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     run = next(r["run"] for r in records if r["type"] == "run")
     assert run["run_group"] == "t" and run["job_type"] == "All-CNN-C"
     assert run["display_name"] == "All-CNN-C-s3-t0"
     assert "seed=3" in run["tags"]
     config = run["config"]["update"]
-    for key in ("model.base", "model.pooling", "train.lr", "data.dataset", "seed", "study",
-                "trial"):
+    for key in (
+        "model.base",
+        "model.pooling",
+        "train.lr",
+        "data.dataset",
+        "seed",
+        "study",
+        "trial",
+    ):
         assert key in config, key
     assert any(r["type"] == "history" for r in records)  # per-epoch metrics
-    summary = json.loads(subprocess.run(
-        [str(wandb), "leet", "inspect", "--summary", "--json", str(run_dirs[0])],
-        capture_output=True, text=True, timeout=60).stdout)["summary"]
+    summary = json.loads(
+        subprocess.run(
+            [str(wandb), "leet", "inspect", "--summary", "--json", str(run_dirs[0])],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        ).stdout
+    )["summary"]
     assert summary["test/error"] == pytest.approx(trial.user_attrs["test/error"])
     assert summary["state"] == "complete"
     assert trial.user_attrs["wandb_run_id"] == run["run_id"]
@@ -223,16 +294,24 @@ def test_a_wandb_failure_never_fails_a_trial(tmp_path, in_tmp, monkeypatch):
         raise RuntimeError("W&B is down")
 
     monkeypatch.setattr(wandb_log.SafeWandbLogger, "__init__", broken)
-    run_worker(write_sweep(tmp_path / "s.yaml", parameters={
-        "model.variant": {"value": "all-cnn"}}), wandb="offline")
+    run_worker(
+        write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"}}),
+        wandb="offline",
+    )
     assert [SW.trial_state(t) for t in load().get_trials()] == ["complete"]
 
 
 @pytest.mark.parametrize("method", ["random", "bayes"])
 def test_random_and_bayes_respect_run_cap(tmp_path, in_tmp, method):
-    file = write_sweep(tmp_path / "s.yaml", method=method, run_cap=3, parameters={
-        "model.variant": {"value": "all-cnn"},
-        "train.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.05}})
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        method=method,
+        run_cap=3,
+        parameters={
+            "model.variant": {"value": "all-cnn"},
+            "train.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.05},
+        },
+    )
     run_worker(file)
     trials = load().get_trials()
     assert len(trials) == 3
@@ -242,26 +321,47 @@ def test_random_and_bayes_respect_run_cap(tmp_path, in_tmp, method):
 
 
 def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
-    file = write_sweep(tmp_path / "s.yaml", method="random", run_cap=40,
-                       early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 4,
-                                        "eta": 2},
-                       parameters={"model.variant": {"value": "all-cnn"},
-                                   "train.epochs": {"value": 4},
-                                   "train.lr": {"values": [1e-9]}})
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        method="random",
+        run_cap=40,
+        early_terminate={"type": "hyperband", "min_iter": 1, "max_iter": 4, "eta": 2},
+        parameters={
+            "model.variant": {"value": "all-cnn"},
+            "train.epochs": {"value": 4},
+            "train.lr": {"values": [1e-9]},
+        },
+    )
     sweep = SF.load(file)
     study = SW.open_study(sweep, ST.default_url("t", Path("runs")), "t", create=True)
     # good trials already in the study: low validation error at every epoch
     dist = {"train.lr": optuna.distributions.CategoricalDistribution([1e-9])}
     for i in range(30):
-        study.add_trial(optuna.trial.create_trial(
-            params={"train.lr": 1e-9}, distributions=dist, value=5.0 + i * 0.01,
-            intermediate_values={e: 5.0 + i * 0.01 for e in range(4)},
-            # what successive halving records as a trial passes each rung
-            system_attrs={f"completed_rung_{r}": 5.0 + i * 0.01 for r in range(3)},
-            user_attrs={"state": "complete"}))
+        study.add_trial(
+            optuna.trial.create_trial(
+                params={"train.lr": 1e-9},
+                distributions=dist,
+                value=5.0 + i * 0.01,
+                intermediate_values={e: 5.0 + i * 0.01 for e in range(4)},
+                # what successive halving records as a trial passes each rung
+                system_attrs={f"completed_rung_{r}": 5.0 + i * 0.01 for r in range(3)},
+                user_attrs={"state": "complete"},
+            )
+        )
     url = ST.default_url("t", Path("runs"))
-    argv = [str(file), "--study", "t", "--storage", url, "--runs-dir", "runs/t", "--wandb",
-            "disabled", "--limit", "33"]
+    argv = [
+        str(file),
+        "--study",
+        "t",
+        "--storage",
+        url,
+        "--runs-dir",
+        "runs/t",
+        "--wandb",
+        "disabled",
+        "--limit",
+        "33",
+    ]
     assert SW.worker_main(argv) == 0
     ours = [t for t in load().get_trials() if "worker.pid" in t.user_attrs]
     # Hyperband's last bracket only judges at max_iter, so not every trial can be pruned;
@@ -286,10 +386,12 @@ def test_worker_status_line_is_written_by_rank_zero_only(tmp_path):
     status = SW.StatusFile(path, worker=0)
     metrics = {"val/error": torch.tensor(12.345)}
     status.on_train_epoch_end(
-        SimpleNamespace(is_global_zero=False, current_epoch=0, callback_metrics=metrics), None)
+        SimpleNamespace(is_global_zero=False, current_epoch=0, callback_metrics=metrics), None
+    )
     assert not path.exists()
     status.on_train_epoch_end(
-        SimpleNamespace(is_global_zero=True, current_epoch=0, callback_metrics=metrics), None)
+        SimpleNamespace(is_global_zero=True, current_epoch=0, callback_metrics=metrics), None
+    )
     info = json.loads(path.read_text())
     assert (info["worker"], info["epoch"], info["val_error"]) == (0, 1, 12.35)
     assert [p.name for p in tmp_path.iterdir()] == ["worker-0.json"]  # no temporary left

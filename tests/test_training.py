@@ -74,8 +74,15 @@ def test_optimizer_follows_the_settings():
 
 
 def test_warmup_ramps_then_the_milestones_decay():
-    train = {"lr": 0.1, "lr_gamma": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "epochs": 35,
-             "compile": False, "warmup_epochs": 1.0}
+    train = {
+        "lr": 0.1,
+        "lr_gamma": 0.1,
+        "momentum": 0.9,
+        "weight_decay": 1e-3,
+        "epochs": 35,
+        "compile": False,
+        "warmup_epochs": 1.0,
+    }
     module = AllConvModule(model={"width": 0.125}, train=train)
     module._trainer = SimpleNamespace(estimated_stepping_batches=35 * 10)
     cfg = module.configure_optimizers()
