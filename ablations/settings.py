@@ -86,7 +86,7 @@ SCHEMA: dict[str, Setting] = {
         "auto",
         "str",
         _names(PRECISIONS),
-        "auto: bf16 mixed where the device computes bf16 natively",
+        "auto: bf16 mixed on CUDA GPUs with compute capability >= 8, else 32-bit",
     ),
     "train.compile": Setting(False, "bool", None, "torch.compile the network"),
     "train.accelerator": Setting("auto", "str", ("auto", "cpu", "gpu"), "Lightning accelerator"),

@@ -362,7 +362,7 @@ def run_check(args, root: Path) -> dict[str, Any]:
 
 
 def project(piped, bare, evals, models, batch, auto) -> dict[str, Any]:
-    """Hours for the protocol (All-CNN-C) and the 48 cells of paper_table3, from the
+    """Hours for the protocol (All-CNN-C) and the cells of paper_table3 (144), from the
     pipeline's measured speed and per-epoch cost; other models scale by their bare speed."""
     key = f"batch {batch} {auto}"
     if key not in piped or key not in bare:

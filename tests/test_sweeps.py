@@ -95,6 +95,16 @@ def complete_cells(study):
             {"parameters": {"train.lr": {"values": [0.1], "distribution": "uniform"}}},
             "'values' goes with distribution categorical",
         ),
+        ({"parameters": {"data.val_size": {"value": 0}}}, "holds out no validation images"),
+        ({"selection": {"cells": []}}, "selection.cells: expected a non-empty list"),
+        (
+            {"selection": {"cells": [{"model.variant": "base"}]}},
+            "selection.cells sets model.variant, which parameters sets too",
+        ),
+        (
+            {"selection": {"cells": [{"train.lr": 0.1}, {"train.momentum": 0.5}]}},
+            "every cell must set",
+        ),
     ],
 )
 def test_bad_sweep_files_exit_2_and_write_nothing(tmp_path, in_tmp, capsys, change, message):
@@ -395,3 +405,37 @@ def test_worker_status_line_is_written_by_rank_zero_only(tmp_path):
     info = json.loads(path.read_text())
     assert (info["worker"], info["epoch"], info["val_error"]) == (0, 1, 12.35)
     assert [p.name for p in tmp_path.iterdir()] == ["worker-0.json"]  # no temporary left
+
+
+def test_a_final_sweep_without_validation_images_completes_and_exports(tmp_path, in_tmp):
+    """The final protocol: selected cells retrained on every training image (no val split)."""
+    params = {**FAST, "data.val_size": {"value": 0}, "seed": {"values": [0, 1]}}
+    raw = {
+        "name": "t",
+        "method": "grid",
+        "metric": {"name": "train/loss", "goal": "minimize"},
+        "parameters": params,
+        "selection": {
+            "study": "sel",
+            "by": "val/error",
+            "over": {"train.lr": [0.1, 0.01]},
+            "cells": [
+                {"model.variant": "base", "train.lr": 0.01},
+                {"model.variant": "all-cnn", "train.lr": 0.1},
+            ],
+        },
+    }
+    file = tmp_path / "final.yaml"
+    file.write_text(yaml.safe_dump(raw))
+    run_worker(file)
+    trials = load().get_trials()
+    assert [t.user_attrs["state"] for t in trials] == ["complete"] * 4
+    got = sorted(
+        (t.params["model.variant"], t.params["train.lr"], t.params["seed"]) for t in trials
+    )
+    assert got == [("all-cnn", 0.1, 0), ("all-cnn", 0.1, 1), ("base", 0.01, 0), ("base", 0.01, 1)]
+    assert all("val/error" not in t.user_attrs for t in trials)
+    assert all(t.user_attrs["test/error"] >= 0 for t in trials)
+    assert main(["export", "t", "--format", "csv"]) == 0
+    summary = (Path("runs/t/export/summary.csv")).read_text().splitlines()
+    assert len(summary) == 3  # header and two selected cells
