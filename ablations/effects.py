@@ -3,8 +3,9 @@
 For a factor such as `model.variant`, a pair is two complete trials that agree on every other
 swept setting, the seed included (All-CNN-C against Model C at the same base, rate and seed),
 so the difference is the factor's and not the seed's or the rate's. Per (factor, level): the
-mean difference, a 95% bootstrap interval of it, a paired t-test's p-value, Holm-corrected
-across every comparison of the export, and the number of pairs.
+mean difference, a 95% interval of it (bootstrap, or Student's t for few pairs), a paired
+t-test's p-value, Holm-corrected across every comparison of the export, and the number of
+pairs.
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ import pandas as pd
 
 CONFIDENCE = 0.95
 RESAMPLES = 10_000
+# Below this many pairs the interval is Student's t, not the bootstrap: resampling 2 or 3
+# differences only spans their range, which reads as far more certain than it is.
+BOOTSTRAP_MIN_PAIRS = 10
 COLUMNS = (
     "factor",
     "level",
@@ -26,6 +30,7 @@ COLUMNS = (
     "mean_diff",
     "ci_low",
     "ci_high",
+    "ci_method",
     "p_value",
     "p_holm",
 )
@@ -43,14 +48,20 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return out
 
 
-def interval(diffs: np.ndarray, seed: int = 0) -> tuple[float, float]:
-    """A percentile bootstrap interval of the mean (NaN with fewer than 2 pairs; the point
-    itself when every difference is equal, where resampling has nothing to vary)."""
+def interval(diffs: np.ndarray, seed: int = 0) -> tuple[float, float, str]:
+    """A 95% interval of the mean difference and its method: the percentile bootstrap from
+    BOOTSTRAP_MIN_PAIRS pairs on, Student's t below (NaN with fewer than 2 pairs; the point
+    itself when every difference is equal)."""
     if len(diffs) < 2:
-        return math.nan, math.nan
+        return math.nan, math.nan, ""
     if np.all(diffs == diffs[0]):
-        return float(diffs[0]), float(diffs[0])
+        return float(diffs[0]), float(diffs[0]), "exact"
     from scipy import stats
+
+    if len(diffs) < BOOTSTRAP_MIN_PAIRS:
+        half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(diffs) - 1) * diffs.std(ddof=1)
+        half /= math.sqrt(len(diffs))
+        return float(diffs.mean() - half), float(diffs.mean() + half), "t"
 
     res = stats.bootstrap(
         (diffs,),
@@ -60,7 +71,7 @@ def interval(diffs: np.ndarray, seed: int = 0) -> tuple[float, float]:
         method="percentile",
         rng=np.random.default_rng(seed),
     )
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+    return float(res.confidence_interval.low), float(res.confidence_interval.high), "bootstrap"
 
 
 def p_value(diffs: np.ndarray) -> float:
@@ -98,7 +109,7 @@ def effects(
                 merged = a.assign(_k=0).merge(b.assign(_k=0), on="_k", suffixes=("", "_ref"))
                 merged = merged.iloc[:0] if len(a) != 1 or len(b) != 1 else merged
             diffs = (merged[metric] - merged[f"{metric}_ref"]).to_numpy(dtype=float)
-            low, high = interval(diffs)
+            low, high, method = interval(diffs)
             rows.append(
                 {
                     "factor": factor,
@@ -109,6 +120,7 @@ def effects(
                     "mean_diff": float(diffs.mean()) if len(diffs) else math.nan,
                     "ci_low": low,
                     "ci_high": high,
+                    "ci_method": method,
                     "p_value": p_value(diffs),
                 }
             )

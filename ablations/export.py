@@ -813,8 +813,9 @@ def write(
     eff = effects_table(t.effects)
     eff_caption = (
         f"{study.study_name}: each level against the reference, paired over the "
-        "other swept settings and seeds; mean difference, 95% bootstrap interval, "
-        "paired t-test p-value, Holm-corrected."
+        "other swept settings and seeds; mean difference, its 95% interval (Student's t "
+        f"below {EF.BOOTSTRAP_MIN_PAIRS} pairs, else bootstrap), paired t-test p-value, "
+        "Holm-corrected across the table."
     )
     out.mkdir(parents=True, exist_ok=True)
     stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))

@@ -67,6 +67,8 @@ def differences(
 
     `lr_candidates` are the rates the row's rate was chosen from and `selected_by` the metric
     it was chosen on (None when the rate was not selected)."""
+    if settings.get("data.dataset") != "cifar10":  # nothing else matters then
+        return [f"data.dataset={settings.get('data.dataset')} (Table 3 is CIFAR-10)"]
     out = [
         f"{r.key}={settings.get(r.key)}"
         for r in PROTOCOL

@@ -306,8 +306,12 @@ def test_effects_against_a_hand_computation(tmp_path, monkeypatch):
     t = statistics.mean(diffs) / (statistics.stdev(diffs) / len(diffs) ** 0.5)
     p = 2 * stats.t.sf(abs(t), len(diffs) - 1)
     assert v["p_value"] == pytest.approx(p)
-    assert v["ci_low"] < v["mean_diff"] < v["ci_high"]
-    assert min(diffs) <= v["ci_low"] and v["ci_high"] <= max(diffs)
+    # 6 pairs: Student's t interval (the bootstrap of so few only spans their range)
+    half = stats.t.ppf(0.975, 5) * statistics.stdev(diffs) / len(diffs) ** 0.5
+    assert v["ci_method"] == "t"
+    t_mean = statistics.mean(diffs)
+    assert v["ci_low"] == pytest.approx(t_mean - half)
+    assert v["ci_high"] == pytest.approx(t_mean + half)
     lr = eff.loc["train.lr"]  # 0.01 against 0.1 at the same variant and seed: exactly -9
     assert lr["pairs"] == 6 and lr["mean_diff"] == pytest.approx(-9)
     assert (lr["ci_low"], lr["ci_high"]) == pytest.approx((-9, -9))
@@ -316,6 +320,35 @@ def test_effects_against_a_hand_computation(tmp_path, monkeypatch):
     assert sorted([v["p_holm"], lr["p_holm"]]) == pytest.approx(
         [min(1, 2 * ps[0]), max(min(1, 2 * ps[0]), ps[1])]
     )
+
+
+def test_effects_with_ten_pairs_use_the_bootstrap(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    seeds = list(range(5))
+    raw = {
+        "name": "paper",
+        "method": "grid",
+        "metric": {"name": "val/error", "goal": "minimize"},
+        "parameters": {
+            "model.variant": {"values": VARIANTS},
+            "train.lr": {"values": LRS},
+            "seed": {"values": seeds},
+        },
+    }
+    noise = [0.0, 0.9, -0.3, 0.4, -0.8]
+    study = make_study(
+        tmp_path,
+        raw=raw,
+        broken={},
+        value=lambda c: (
+            10 + (2 + noise[c["seed"]]) * (c["model.variant"] == "all-cnn") + c["train.lr"]
+        ),
+    )
+    v = E.build(study).effects.set_index("factor").loc["model.variant"]
+    diffs = [2 + n for n in noise] * 2
+    assert v["pairs"] == 10 and v["ci_method"] == "bootstrap"
+    assert min(diffs) <= v["ci_low"] < v["mean_diff"] < v["ci_high"] <= max(diffs)
+    assert v["mean_diff"] == pytest.approx(statistics.mean(diffs))
 
 
 def test_holm_by_hand():
