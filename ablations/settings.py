@@ -56,7 +56,7 @@ SCHEMA: dict[str, Setting] = {
         "paper",
         "str",
         _names(family.DROPOUTS),
-        "paper: 20% on the input, 50% after each downsampling point",
+        "paper: 20% on the input, 50% after each downsampling point; downsample: the 50% only",
     ),
     "model.score_relu": Setting(
         False, "bool", None, "ReLU on the class-score 1x1 conv, as in the paper's Table 1"
