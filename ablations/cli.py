@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
         "train",
         help="one run from key=value settings",
         description="One run. Settings are dotted keys, e.g. model.base=C "
-        "model.variant=all-cnn data.dataset=synthetic train.epochs=2. "
-        "Keys: " + ", ".join(_setting_keys()),
+        "model.variant=all-cnn data.dataset=synthetic train.epochs=2.",
+        epilog=settings_help(),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("settings", nargs="*", metavar="key=value")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -164,10 +165,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _setting_keys() -> list[str]:
+def settings_help() -> str:
+    """Every setting with its type, default, allowed values and help, grouped by prefix."""
     from ablations.settings import SCHEMA
 
-    return list(SCHEMA)
+    lines, group = ["settings (key=value):"], None
+    for key, s in SCHEMA.items():
+        prefix = key.split(".")[0] if "." in key else "other"
+        if prefix != group:
+            lines.append(f"\n  {prefix}:")
+            group = prefix
+        kind = s.kind.replace("|", " or ")
+        allowed = f"; one of {', '.join(s.choices)}" if s.choices else ""
+        lines.append(f"    {key} ({kind}, default {s.default}{allowed})")
+        lines.append(f"        {s.help}")
+    return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:

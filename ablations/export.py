@@ -479,15 +479,18 @@ def caption(
     over: list[str],
     paper: bool,
 ) -> str:
-    """Dataset, epochs, seeds and the selection rule, in one sentence or three."""
+    """Dataset, epochs, seeds, the class-score layer and the selection rule."""
 
     def values(key: str) -> str:
         vals = [v for v in pd.unique(trials[key].dropna())] if key in trials else []
         return ", ".join(str(v) for v in vals) or "?"
 
+    relu = {"True": "with a ReLU (the paper's)", "False": "without a ReLU"}
+    score = relu.get(values("model.score_relu"), "with and without a ReLU")
     text = (
         f"{study}: errors in %, mean ± sample std over {seed_count(sweep)} seed(s); "
-        f"{values('data.dataset')}, {values('train.epochs')} epochs."
+        f"{values('data.dataset')}, {values('train.epochs')} epochs; class-score layer "
+        f"{score}."
     )
     if select_by:
         text += (
@@ -832,7 +835,7 @@ def write(
                     stage / "selection.csv", index=False, lineterminator="\n"
                 )
         if "md" in formats:
-            (stage / "summary.md").write_text(to_markdown(shown, best, t.notes))
+            (stage / "summary.md").write_text(to_markdown(shown, best, [text, *t.notes]))
             (stage / "effects.md").write_text(to_markdown(eff))
         if "tex" in formats:
             (stage / "summary.tex").write_text(

@@ -388,6 +388,8 @@ def test_latex_markdown_and_figure(study, tmp_path):
     md = (out / "summary.md").read_text().splitlines()
     assert md[0].startswith("| Model |") and "Test error (%)" in md[0]
     assert "±" in md[2]
+    assert "class-score layer without a ReLU" in "\n".join(md)  # named in every table
+    assert "class-score layer without a ReLU" in tex
     assert "test/error mean (%)" in (out / "summary.csv").read_text().splitlines()[0]
     from matplotlib.image import imread
 

@@ -92,3 +92,17 @@ def test_models_all_and_other_inputs(capsys):
 def test_models_bad_input(capsys):
     code, _, err = run_cli(capsys, "models", "--input", "32by32")
     assert code == 2 and "must look like 32x32x3" in err
+
+
+def test_train_help_shows_every_setting_with_type_default_choices_and_help(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["train", "--help"])
+    assert exit_.value.code == 0
+    out = capsys.readouterr().out
+    for key, setting in S.SCHEMA.items():
+        assert f"    {key} (" in out, key
+        assert f"default {setting.default}" in out, key
+        assert setting.help in out, key
+        for choice in setting.choices or ():
+            assert choice in out, (key, choice)
+    assert "\n  model:\n" in out and "\n  data:\n" in out and "\n  train:\n" in out
