@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -128,6 +129,12 @@ def coerce(key: str, value: Any) -> Any:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
             pass
+    if isinstance(value, str) and kinds[0] == "float":
+        # YAML 1.1 reads 1e-3 (no dot) as a string; Python reads every spelling of a number
+        try:
+            value = float(value)
+        except ValueError:
+            pass
     if value is None and "none" in kinds:
         return None
     if value == "auto" and "auto" in kinds:
@@ -145,6 +152,8 @@ def coerce(key: str, value: Any) -> Any:
         raise SettingsError(f"{key}={value!r} has the wrong type: expected {allowed}")
     if want == "float":
         value = float(value)
+        if not math.isfinite(value):
+            raise SettingsError(f"{key}={value!r} must be a finite number")
     if setting.choices is not None and value not in setting.choices:
         raise SettingsError(
             f"{key}={value!r} is not one of the valid values: {', '.join(setting.choices)}"

@@ -106,3 +106,28 @@ def test_train_help_shows_every_setting_with_type_default_choices_and_help(capsy
         for choice in setting.choices or ():
             assert choice in out, (key, choice)
     assert "\n  model:\n" in out and "\n  data:\n" in out and "\n  train:\n" in out
+
+
+@pytest.mark.parametrize(
+    "raw,want",
+    [("1e-3", 0.001), ("1E-3", 0.001), (".5", 0.5), ("5e-1", 0.5), ("0.01", 0.01), ("2", 2.0)],
+)
+def test_every_spelling_of_a_number(raw, want):
+    assert S.coerce("train.lr", raw) == want
+
+
+def test_a_sweep_file_with_yaml_exponents_loads(tmp_path):
+    from ablations import sweep_file as SF
+
+    path = tmp_path / "s.yaml"
+    path.write_text(
+        "name: s\nmethod: grid\nparameters:\n  train.lr: {values: [1e-5, 1e-4]}\n"
+        "  data.dataset: {value: synthetic}\n"
+    )
+    assert SF.load(path).params["train.lr"].values == (1e-5, 1e-4)
+
+
+@pytest.mark.parametrize("raw", [".nan", ".inf", "-.inf", "nan", "inf"])
+def test_non_finite_numbers_are_refused(raw):
+    with pytest.raises(S.SettingsError, match="must be a finite number"):
+        S.coerce("train.lr", raw)
