@@ -721,6 +721,8 @@ def build(
     """The export's tables, with its input checks."""
     sweep = SW.stored_sweep(study)
     trials = trials_frame(study, sweep)
+    if trials.empty:
+        raise ExportError(f"study {study.study_name} has no trials yet: nothing to export")
     metrics = list(metrics or DEFAULT_METRICS)
     over = list(over or [])
     available = [m for m in SF.METRICS if m in trials and trials[m].notna().any()]

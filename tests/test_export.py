@@ -494,6 +494,22 @@ def test_unknown_study_under_runs_lists_the_studies(study, capsys):
     assert "studies under runs: paper" in capsys.readouterr().err
 
 
+def test_a_study_with_no_trials(tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    raw = {
+        "name": "empty",
+        "method": "grid",
+        "parameters": {"model.variant": {"values": VARIANTS}, "seed": {"values": SEEDS}},
+    }
+    (tmp_path / "empty.yaml").write_text(yaml.safe_dump(raw))
+    sweep = SF.load(tmp_path / "empty.yaml")
+    SW.open_study(sweep, ST.default_url("empty", Path("runs")), "empty", create=True)
+    before = tree(tmp_path)
+    assert main(["export", "empty"]) == 2
+    assert "study empty has no trials yet" in capsys.readouterr().err
+    assert tree(tmp_path) == before
+
+
 def test_storage_with_no_studies(tmp_path, capsys, monkeypatch):
     monkeypatch.chdir(tmp_path)
     url = f"sqlite:///{tmp_path}/empty.db"
