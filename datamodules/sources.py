@@ -86,10 +86,35 @@ CIFAR = {
 }
 
 
+# The only globals the official CIFAR archives (and numpy arrays pickled by any numpy) name.
+# Anything else in a "CIFAR" file is refused before it is called: unpickling runs code.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"),
+    ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("_codecs", "encode"),  # bytes pickled by Python 3 at protocol 2
+}
+
+
+class _ArchiveUnpickler(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) not in _PICKLE_GLOBALS:
+            raise DataError(
+                f"refused to load {module}.{name}: a CIFAR archive holds only dicts, lists, "
+                "bytes, strings, numbers and numpy arrays"
+            )
+        return super().find_class(module, name)
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _ArchiveUnpickler(f, encoding="bytes").load()
+    except DataError as err:
+        raise DataError(f"{path}: {err}") from None
     except Exception as err:
         raise DataError(
             f"{path}: not a readable CIFAR pickle ({type(err).__name__}: {err}); "

@@ -1,6 +1,7 @@
 """Dataset readers: tiny archives in the official formats come back exactly."""
 
 import gzip
+import os
 import pickle
 
 import numpy as np
@@ -228,6 +229,26 @@ def test_malformed_cifar_batch_names_the_file_and_the_fault(tmp_path, batch, dat
     _dump(tmp_path / "cifar-10-batches-py" / batch, {b"labels": labels, b"data": data})
     with pytest.raises(DataError, match=message):
         src.load_cifar("cifar10", tmp_path, download=False)
+
+
+class _Payload:
+    """What a crafted archive carries: unpickling it would create `marker`."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_a_crafted_cifar_archive_is_refused_and_runs_nothing(tmp_path):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "pwned"
+    batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
+    batch.write_bytes(pickle.dumps({b"labels": [0], b"data": _Payload(marker)}, protocol=2))
+    with pytest.raises(DataError, match=r"data_batch_1: refused to load posix\.system"):
+        src.load_cifar("cifar10", tmp_path, download=False)
+    assert not marker.exists()
 
 
 def test_cifar_absent_says_where_it_looked_and_how_to_get_it(tmp_path):
