@@ -1,6 +1,8 @@
+import json
 import shutil
 import statistics
 import subprocess
+import sys
 from pathlib import Path
 
 import optuna
@@ -524,3 +526,24 @@ def test_cli_export_writes_under_runs(study, capsys):
     assert "All-CNN-C" in out and "paper numbers omitted" in out
     for name in ("summary.tex", "effects.tex", "effects.pdf", "selection.csv"):
         assert Path(f"runs/paper/export/{name}").exists(), name
+
+
+def test_the_ablation_table_run_keeps_tables_and_figures_apart(study, tmp_path):
+    """W&B's own reader shows the closing run with its three tables and two figures."""
+    E.log_to_wandb(study, SW.stored_sweep(study), "offline", Path("runs/paper"))
+    (run_dir,) = Path("runs/paper/wandb").glob("offline-run-*")
+    wandb = Path(sys.executable).parent / "wandb"
+    out = subprocess.run(
+        [str(wandb), "leet", "inspect", "--summary", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    doc = json.loads(out.stdout)
+    assert doc["name"] == "paper-ablation-table"
+    summary = doc["summary"]
+    for key in ("summary", "effects", "trials"):
+        assert summary[key]["_type"] == "table-file", key
+    assert summary["effects"]["nrows"] == 2  # variant and lr
+    for key in ("summary_figure", "effects_figure"):
+        assert summary[key]["_type"] == "image-file", key
