@@ -439,3 +439,14 @@ def test_a_final_sweep_without_validation_images_completes_and_exports(tmp_path,
     assert main(["export", "t", "--format", "csv"]) == 0
     summary = (Path("runs/t/export/summary.csv")).read_text().splitlines()
     assert len(summary) == 3  # header and two selected cells
+
+
+@pytest.mark.parametrize(
+    "path", sorted(Path(__file__).resolve().parents[1].glob("sweeps/*.yaml")), ids=lambda p: p.name
+)
+def test_every_shipped_sweep_file_is_valid(path):
+    sweep = SF.load(path)
+    assert sweep.name == path.stem
+    if sweep.method == "grid":
+        cells, _ = sweep.cells()
+        assert cells
