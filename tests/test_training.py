@@ -53,18 +53,11 @@ def test_milestones_scale_with_the_run(steps, expected):
     assert milestones(steps) == expected
 
 
+TRAIN = {"lr": 0.1, "lr_gamma": 0.1, "momentum": 0.9, "weight_decay": 1e-3, "epochs": 35}
+
+
 def test_optimizer_follows_the_settings():
-    module = AllConvModule(
-        model={"width": 0.125},
-        train={
-            "lr": 0.1,
-            "lr_gamma": 0.1,
-            "momentum": 0.9,
-            "weight_decay": 1e-3,
-            "epochs": 35,
-            "compile": False,
-        },
-    )
+    module = AllConvModule(model={"width": 0.125}, train={**TRAIN, "compile": False})
     module._trainer = SimpleNamespace(estimated_stepping_batches=35 * 10)  # 10 steps an epoch
     cfg = module.configure_optimizers()
     opt, sched = cfg["optimizer"], cfg["lr_scheduler"]["scheduler"]
@@ -74,15 +67,7 @@ def test_optimizer_follows_the_settings():
 
 
 def test_warmup_ramps_then_the_milestones_decay():
-    train = {
-        "lr": 0.1,
-        "lr_gamma": 0.1,
-        "momentum": 0.9,
-        "weight_decay": 1e-3,
-        "epochs": 35,
-        "compile": False,
-        "warmup_epochs": 1.0,
-    }
+    train = {**TRAIN, "compile": False, "warmup_epochs": 1.0}
     module = AllConvModule(model={"width": 0.125}, train=train)
     module._trainer = SimpleNamespace(estimated_stepping_batches=35 * 10)
     cfg = module.configure_optimizers()
