@@ -1,4 +1,5 @@
 import json
+import os
 import shutil
 import statistics
 import subprocess
@@ -529,8 +530,22 @@ def test_cli_export_writes_under_runs(study, capsys):
 
 
 def test_the_ablation_table_run_keeps_tables_and_figures_apart(study, tmp_path):
-    """W&B's own reader shows the closing run with its three tables and two figures."""
-    E.log_to_wandb(study, SW.stored_sweep(study), "offline", Path("runs/paper"))
+    """W&B's own reader shows the closing run with its three tables and two figures. In a
+    process of its own, as the launcher makes it: W&B keeps per-process state that a later
+    in-process run of another test would inherit."""
+    code = (
+        "import optuna; from pathlib import Path; from ablations import export as E, "
+        "storage as ST, sweep as SW; "
+        "s = optuna.load_study(study_name='paper', storage=ST.open_storage("
+        "ST.default_url('paper', Path('runs')))); "
+        "E.log_to_wandb(s, SW.stored_sweep(s), 'offline', Path('runs/paper'))"
+    )
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": "offline"}
+    done = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     (run_dir,) = Path("runs/paper/wandb").glob("offline-run-*")
     wandb = Path(sys.executable).parent / "wandb"
     out = subprocess.run(
