@@ -262,7 +262,7 @@ def lr_selection(
     """The rates a row's rate was chosen from and the metric it was chosen on, if it was:
     here (`--select-by ... --over train.lr`) or by the study a final sweep came from."""
     if select_by is not None and "train.lr" in over:
-        return list(sweep.params["train.lr"].values), select_by
+        return list(sweep.params["train.lr"].values or ()), select_by  # none: continuous
     chosen = sweep.selection or {}
     if "train.lr" in (chosen.get("over") or {}):
         return list(chosen["over"]["train.lr"]), chosen.get("by")
@@ -897,7 +897,7 @@ def final_sweep(
         "selection": {
             "study": study.study_name,
             "by": select_by,
-            "over": {k: [_plain(v) for v in t.sweep.params[k].values] for k in over},
+            "over": {k: [_plain(v) for v in t.sweep.params[k].values or ()] for k in over},
             "cells": cells,
         },
     }

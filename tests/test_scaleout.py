@@ -20,25 +20,13 @@ from ablations import settings as S
 from ablations import storage as ST
 from ablations import sweep as SW
 from ablations.cli import main
-from tests.test_sweeps import FAST, write_sweep
+from tests.test_sweeps import FAST, sweep_cli, write_sweep
 
 pytestmark = pytest.mark.slow
 
 
 def sweep_cmd(file, url, workers=1):
-    return [
-        sys.executable,
-        "-m",
-        "ablations.cli",
-        "sweep",
-        str(file),
-        "--storage",
-        url,
-        "--workers",
-        str(workers),
-        "--wandb",
-        "disabled",
-    ]
+    return [*sweep_cli(file, workers), "--storage", url]
 
 
 def env_for(host, **extra):

@@ -42,6 +42,21 @@ def write_sweep(path: Path, **overrides) -> Path:
     return path
 
 
+def sweep_cli(file: Path, workers: int) -> list[str]:
+    """`ablate sweep FILE --workers N --wandb disabled`, as a subprocess argv."""
+    return [
+        sys.executable,
+        "-m",
+        "ablations.cli",
+        "sweep",
+        str(file),
+        "--workers",
+        str(workers),
+        "--wandb",
+        "disabled",
+    ]
+
+
 def run_worker(file: Path, study: str = "t", runs: Path = Path("runs"), **kw) -> None:
     """One in-process worker, as `ablate sweep` starts them, after creating the study."""
     sweep = SF.load(file)
@@ -163,17 +178,7 @@ def test_unreachable_storage_is_named(tmp_path, in_tmp, capsys):
 
 def test_two_workers_complete_every_cell_once_and_a_rerun_adds_nothing(tmp_path, in_tmp):
     file = write_sweep(tmp_path / "s.yaml", parameters={"seed": {"values": [0, 1]}})
-    cmd = [
-        sys.executable,
-        "-m",
-        "ablations.cli",
-        "sweep",
-        str(file),
-        "--workers",
-        "2",
-        "--wandb",
-        "disabled",
-    ]
+    cmd = sweep_cli(file, workers=2)
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert out.returncode == 0, out.stderr
     study = load()
@@ -194,17 +199,7 @@ def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
         "seed": {"values": [0]},
     }
     file = write_sweep(tmp_path / "s.yaml", parameters=params)
-    cmd = [
-        sys.executable,
-        "-m",
-        "ablations.cli",
-        "sweep",
-        str(file),
-        "--workers",
-        "1",
-        "--wandb",
-        "disabled",
-    ]
+    cmd = sweep_cli(file, workers=1)
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     pid = None
     deadline = time.time() + 120
