@@ -54,7 +54,8 @@ def cmd_models(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
-    from lightning_modules.family import all_specs, describe, paper_presets
+    from lightning_modules.family import all_specs, paper_presets
+    from lightning_modules.net import describe
 
     size, _, channels = parse_input(args.input)
     if args.all:
@@ -158,9 +159,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    from ablations import export, sweep
+    from ablations import export, launcher, status
 
-    sweep.register_cli(sub)
+    launcher.register_cli(sub)
+    status.register_cli(sub)
     export.register_cli(sub)
     return parser
 
@@ -175,16 +177,22 @@ def settings_help() -> str:
         if prefix != group:
             lines.append(f"\n  {prefix}:")
             group = prefix
-        kind = s.kind.replace("|", " or ")
         allowed = f"; one of {', '.join(s.choices)}" if s.choices else ""
-        lines.append(f"    {key} ({kind}, default {s.default}{allowed})")
+        bounds = f"; {s.bounds()}" if s.bounds() else ""
+        lines.append(f"    {key} ({s.kind}, default {s.default}{allowed}{bounds})")
         lines.append(f"        {s.help}")
     return "\n".join(lines)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    args, extra = parser.parse_known_args(argv)
+    # argparse stops a nargs="*" positional at the first flag: `train a=1 --quiet b=2` leaves
+    # b=2 over; key=value pairs on both sides of a flag are all settings
+    if extra and args.command == "train" and not any(e.startswith("-") for e in extra):
+        args.settings = [*args.settings, *extra]
+    elif extra:
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     try:
         return args.func(args)
     except _user_errors() as err:

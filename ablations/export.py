@@ -21,7 +21,7 @@ from ablations import effects as EF
 from ablations import protocol as P
 from ablations import settings as S
 from ablations import storage as ST
-from ablations import sweep as SW
+from ablations import study as SD
 from ablations import sweep_file as SF
 
 FORMATS = ("csv", "md", "tex", "png", "pdf")
@@ -65,7 +65,7 @@ def _settings_of(t: optuna.trial.FrozenTrial, sweep: SF.Sweep) -> dict[str, Any]
 
 def trials_frame(study: optuna.Study, sweep: SF.Sweep | None = None) -> pd.DataFrame:
     """Every trial of the study as one tidy row, failed, pruned and running ones included."""
-    sweep = sweep or SW.stored_sweep(study)
+    sweep = sweep or SD.stored_sweep(study)
     setting_keys = [k for k in S.SCHEMA if k != "seed"]
     rows = []
     for t in study.get_trials(deepcopy=False):
@@ -75,7 +75,7 @@ def trials_frame(study: optuna.Study, sweep: SF.Sweep | None = None) -> pd.DataF
         row: dict[str, Any] = {
             "study": study.study_name,
             "trial": t.number,
-            "state": SW.trial_state(t),
+            "state": SD.trial_state(t),
             "model.name": s.get("model.name"),
         }
         row.update({k: s.get(k) for k in setting_keys})
@@ -719,7 +719,7 @@ def build(
     over: list[str] | None = None,
 ) -> Tables:
     """The export's tables, with its input checks."""
-    sweep = SW.stored_sweep(study)
+    sweep = SD.stored_sweep(study)
     trials = trials_frame(study, sweep)
     if trials.empty:
         raise ExportError(f"study {study.study_name} has no trials yet: nothing to export")

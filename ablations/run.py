@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -20,8 +21,9 @@ from lightning.pytorch.loggers import CSVLogger
 
 from ablations import settings as S
 from datamodules import AllConvDataModule
-from lightning_modules.family import count_macs, count_params
-from lightning_modules.module import AllConvModule, resolve_precision
+from lightning_modules.module import AllConvModule
+from lightning_modules.net import count_macs, count_params
+from lightning_modules.precision import resolve_precision
 
 TRAIN_KEYS = ("lr", "lr_gamma", "warmup_epochs", "momentum", "weight_decay", "epochs", "compile")
 
@@ -93,6 +95,7 @@ class EpochRecorder(Callback):
             self.history, self.diverged = saved["history"], saved["diverged"]
 
 
+@functools.cache  # once per process: a worker's trials all run the code it started with
 def git_commit() -> str | None:
     try:
         out = subprocess.run(

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import difflib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from typing import Any
 
 import yaml
 
-from datamodules import AUGMENTATIONS, DATASETS, PREPROCESSING
+from datamodules import AUGMENT_CHOICES, DATASETS, PREPROCESS_CHOICES
 from lightning_modules import family
-from lightning_modules.module import PRECISIONS
+from lightning_modules.precision import PRECISIONS
 
 
 class SettingsError(ValueError):
@@ -20,78 +20,117 @@ class SettingsError(ValueError):
 
 @dataclass(frozen=True)
 class Setting:
+    """One setting: everything parsing, checking, `--help`, the CSV columns and W&B need."""
+
+    type: type  # str, int, float or bool
     default: Any
-    kind: str  # "str", "int", "float", "bool", "int|auto", "int|none", "str|none"
+    help: str
     choices: tuple[str, ...] | None = None
-    help: str = ""
+    also: tuple[Any, ...] = ()  # accepted besides the type: "auto" and/or None
+    low: float | None = None  # inclusive bounds, checked after parsing
+    high: float | None = None
+    above: float | None = None  # exclusive lower bound (a rate, a width)
+
+    @property
+    def kind(self) -> str:
+        """How `--help` and error messages name what is accepted: `int or 'auto'`."""
+        extra = ["'none'" if a is None else repr(a) for a in self.also]
+        return " or ".join([self.type.__name__, *extra])
+
+    def bounds(self) -> str:
+        parts = []
+        if self.above is not None:
+            parts.append(f"> {_num(self.above)}")
+        if self.low is not None:
+            parts.append(f">= {_num(self.low)}")
+        if self.high is not None:
+            parts.append(f"<= {_num(self.high)}")
+        return ", ".join(parts)
+
+
+def _num(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else f"{x:g}"
 
 
 def _names(table: dict) -> tuple[str, ...]:
     return tuple(table)
 
 
+# the model's defaults are ModelSpec's: written once, in lightning_modules/family.py
+_SPEC = {f.name: f.default for f in fields(family.ModelSpec)}
+MAX_WIDTH = 8.0  # 768/1536 channels: beyond it one image's activations no longer fit a GPU
+MAX_SEED = 2**32 - 1  # numpy's and Lightning's seed range
+
 SCHEMA: dict[str, Setting] = {
-    "model.base": Setting("C", "str", _names(family.BASES), "paper Table 1 stage layout"),
+    "model.base": Setting(str, _SPEC["base"], "paper Table 1 stage layout", _names(family.BASES)),
     "model.variant": Setting(
+        str,
         None,
-        "str|none",
-        _names(family.VARIANTS),
         "shorthand for a paper (pooling, strided_conv) pair",
+        _names(family.VARIANTS),
+        also=(None,),
     ),
     "model.pooling": Setting(
+        str,
         None,
-        "str|none",
+        f"3x3/stride-2 pooling at the downsampling points (default {_SPEC['pooling']})",
         _names(family.POOLINGS),
-        "3x3/stride-2 pooling at the downsampling points (default max)",
+        also=(None,),
     ),
     "model.strided_conv": Setting(
+        str,
         None,
-        "str|none",
+        f"none, fold (Strided-CNN) or extra (All-CNN/ConvPool) (default {_SPEC['strided_conv']})",
         _names(family.STRIDED_CONVS),
-        "none, fold (Strided-CNN) or extra (All-CNN/ConvPool)",
+        also=(None,),
     ),
-    "model.head": Setting("gap", "str", _names(family.HEADS), "classifier head"),
-    "model.width": Setting(1.0, "float", None, "channel multiplier"),
-    "model.norm": Setting("none", "str", _names(family.NORMS), "normalisation after convs"),
+    "model.head": Setting(str, _SPEC["head"], "classifier head", _names(family.HEADS)),
+    "model.width": Setting(float, _SPEC["width"], "channel multiplier", above=0, high=MAX_WIDTH),
+    "model.norm": Setting(str, _SPEC["norm"], "normalisation after convs", _names(family.NORMS)),
     "model.dropout": Setting(
-        "paper",
-        "str",
-        _names(family.DROPOUTS),
+        str,
+        _SPEC["dropout"],
         "paper: 20% on the input, 50% after each downsampling point; downsample: the 50% only",
+        _names(family.DROPOUTS),
     ),
     "model.score_relu": Setting(
-        False, "bool", None, "ReLU on the class-score 1x1 conv, as in the paper's Table 1"
+        bool, _SPEC["score_relu"], "ReLU on the class-score 1x1 conv, as in the paper's Table 1"
     ),
-    "data.dataset": Setting("cifar10", "str", _names(DATASETS), "dataset"),
-    "data.dir": Setting("~/.cache/allconv/data", "str", None, "where datasets live"),
+    "data.dataset": Setting(str, "cifar10", "dataset", _names(DATASETS)),
+    "data.dir": Setting(str, "~/.cache/allconv/data", "where datasets live"),
     # standardize by default: cheap and robust on any data; the paper sweeps set gcn-zca
     "data.preprocess": Setting(
-        "standardize", "str", _names(PREPROCESSING), "gcn-zca (the paper) or standardize"
+        str, "standardize", "gcn-zca (the paper) or standardize", _names(PREPROCESS_CHOICES)
     ),
-    "data.augment": Setting("none", "str", _names(AUGMENTATIONS), "on-device augmentation"),
+    "data.augment": Setting(str, "none", "on-device augmentation", _names(AUGMENT_CHOICES)),
     "data.val_size": Setting(
-        "auto", "int|auto", None, "held-out training images (auto: 10%, at most 5000)"
-    ),
-    "data.subset": Setting(None, "int|none", None, "cap on the training images"),
-    "train.lr": Setting(0.01, "float", None, "SGD learning rate (paper grid: 0.25 0.1 0.05 0.01)"),
-    "train.warmup_epochs": Setting(
-        0.0, "float", None, "linear lr warm-up from 0, in epochs (not in the paper: 0)"
-    ),
-    "train.lr_gamma": Setting(0.1, "float", None, "lr factor at 200, 250, 300 of 350 epochs"),
-    "train.momentum": Setting(0.9, "float", None, "SGD momentum"),
-    "train.weight_decay": Setting(0.001, "float", None, "L2 weight decay"),
-    "train.epochs": Setting(350, "int", None, "epochs"),
-    "train.batch_size": Setting(128, "int", None, "training batch size"),
-    "train.eval_batch_size": Setting(1024, "int", None, "evaluation batch size (no gradients)"),
-    "train.precision": Setting(
+        int,
         "auto",
-        "str",
-        _names(PRECISIONS),
-        "auto: bf16 mixed on CUDA GPUs with compute capability >= 8, else 32-bit",
+        "held-out training images (auto: 10%, at most 5000; 0: train on all)",
+        also=("auto",),
+    ),  # its range depends on the data set: the data module checks it
+    "data.subset": Setting(int, None, "cap on the training images", also=(None,), low=1),
+    "train.lr": Setting(float, 0.01, "SGD learning rate (paper grid: 0.25 0.1 0.05 0.01)", above=0),
+    "train.warmup_epochs": Setting(
+        float, 0.0, "linear lr warm-up from 0, in epochs (not in the paper: 0)", low=0
     ),
-    "train.compile": Setting(False, "bool", None, "torch.compile the network"),
-    "train.accelerator": Setting("auto", "str", ("auto", "cpu", "gpu"), "Lightning accelerator"),
-    "seed": Setting(0, "int", None, "seeds data split, init, order and augmentation"),
+    "train.lr_gamma": Setting(
+        float, 0.1, "lr factor at 200, 250, 300 of 350 epochs", above=0, high=1
+    ),
+    "train.momentum": Setting(float, 0.9, "SGD momentum", low=0, high=1),
+    "train.weight_decay": Setting(float, 0.001, "L2 weight decay", low=0),
+    "train.epochs": Setting(int, 350, "epochs", low=1),
+    "train.batch_size": Setting(int, 128, "training batch size", low=1),
+    "train.eval_batch_size": Setting(int, 1024, "evaluation batch size (no gradients)", low=1),
+    "train.precision": Setting(
+        str,
+        "auto",
+        "auto: bf16 mixed on CUDA GPUs with compute capability >= 8, else 32-bit",
+        _names(PRECISIONS),
+    ),
+    "train.compile": Setting(bool, False, "torch.compile the network"),
+    "train.accelerator": Setting(str, "auto", "Lightning accelerator", ("auto", "cpu", "gpu")),
+    "seed": Setting(int, 0, "seeds data split, init, order and augmentation", low=0, high=MAX_SEED),
 }
 
 # Keys that only say where or how fast, not what is computed: left out of the cell identity.
@@ -116,41 +155,35 @@ def check_key(key: str) -> Setting:
 
 
 def coerce(key: str, value: Any) -> Any:
-    """Check one value against its key's type and choices; strings from the CLI are parsed."""
+    """Check one value against its key's type, choices and bounds; strings are parsed."""
     setting = check_key(key)
-    kinds = setting.kind.split("|")
-    if isinstance(value, str) and "str" not in kinds:
+    if isinstance(value, str) and setting.type is not str:
         value = value.strip()
-        if value.lower() in ("none", "null", "") and "none" in kinds:
+        if value.lower() in ("none", "null", "") and None in setting.also:
             return None
-        if value == "auto" and "auto" in kinds:
-            return "auto"
+        if value in setting.also:
+            return value
         try:
             value = yaml.safe_load(value)
         except yaml.YAMLError:
             pass
-    if isinstance(value, str) and kinds[0] == "float":
+    if isinstance(value, str) and setting.type is float:
         # YAML 1.1 reads 1e-3 (no dot) as a string; Python reads every spelling of a number
         try:
             value = float(value)
         except ValueError:
             pass
-    if value is None and "none" in kinds:
-        return None
-    if value == "auto" and "auto" in kinds:
+    if value in setting.also and (value is None or isinstance(value, str)):
         return value
-    want = kinds[0]
     ok = {
-        "str": isinstance(value, str),
-        "int": isinstance(value, int) and not isinstance(value, bool),
-        "float": isinstance(value, int | float) and not isinstance(value, bool),
-        "bool": isinstance(value, bool),
-    }[want]
+        str: isinstance(value, str),
+        int: isinstance(value, int) and not isinstance(value, bool),
+        float: isinstance(value, int | float) and not isinstance(value, bool),
+        bool: isinstance(value, bool),
+    }[setting.type]
     if not ok:
-        extra = {"auto": " or 'auto'", "none": " or 'none'"}
-        allowed = want + "".join(extra.get(k, "") for k in kinds[1:])
-        raise SettingsError(f"{key}={value!r} has the wrong type: expected {allowed}")
-    if want == "float":
+        raise SettingsError(f"{key}={value!r} has the wrong type: expected {setting.kind}")
+    if setting.type is float:
         value = float(value)
         if not math.isfinite(value):
             raise SettingsError(f"{key}={value!r} must be a finite number")
@@ -158,7 +191,24 @@ def coerce(key: str, value: Any) -> Any:
         raise SettingsError(
             f"{key}={value!r} is not one of the valid values: {', '.join(setting.choices)}"
         )
+    _check_bounds(key, setting, value)
     return value
+
+
+def _check_bounds(key: str, setting: Setting, value: Any) -> None:
+    if setting.type not in (int, float):
+        return
+    if setting.above is not None and not value > setting.above:
+        raise SettingsError(
+            f"{key}={value} must be positive"
+            if setting.above == 0
+            else f"{key}={value} must be above {setting.above:g}"
+        )
+    if setting.low is not None and value < setting.low:
+        what = f"at least {_num(setting.low)}"
+        raise SettingsError(f"{key}={value} must be {what}")
+    if setting.high is not None and value > setting.high:
+        raise SettingsError(f"{key}={value} must be at most {_num(setting.high)}")
 
 
 def parse_assignments(items: list[str]) -> dict[str, Any]:
@@ -168,7 +218,10 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
         key, sep, raw = item.partition("=")
         if not sep or not key.strip():
             raise SettingsError(f"{item!r} is not a key=value setting (e.g. model.head=fc)")
-        out[key.strip()] = coerce(key.strip(), raw)
+        key = key.strip()
+        if key in out:
+            raise SettingsError(f"{key} is given twice ({out[key]!r} and {raw!r}); give it once")
+        out[key] = coerce(key, raw)
     return out
 
 
@@ -177,14 +230,6 @@ def resolve(overrides: dict[str, Any]) -> dict[str, Any]:
     settings = defaults()
     for key, value in overrides.items():
         settings[key] = coerce(key, value)
-    for key in ("train.epochs", "train.batch_size", "train.eval_batch_size"):
-        if settings[key] < 1:
-            raise SettingsError(f"{key}={settings[key]} must be at least 1")
-    for key in ("train.lr", "model.width"):
-        if settings[key] <= 0:
-            raise SettingsError(f"{key}={settings[key]} must be positive")
-    if settings["train.warmup_epochs"] < 0:
-        raise SettingsError(f"train.warmup_epochs={settings['train.warmup_epochs']} must be >= 0")
     model_spec(settings)  # validates the combination at a nominal input shape
     return settings
 

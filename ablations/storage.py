@@ -190,24 +190,46 @@ def is_stale(trial: FrozenTrial, now: float | None = None) -> str | None:
     return None
 
 
+# --- Optuna private API, in one place ------------------------------------------------------
+# Optuna 5.0 gives no public way to reach the storage behind a live study, or a trial's storage
+# id, and both are needed: to fail a trial that no worker will finish (a dead worker's RUNNING
+# trial, a WAITING one left by a worker that died between enqueue and ask) and to stamp a
+# heartbeat on the journal backend, which has none of its own. Optuna's integrations use the
+# same two attributes; if a release renames them, only these three functions change.
+
+
+def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
+    return study._storage
+
+
+def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
+    return trial._trial_id
+
+
+def fail_trial(study: optuna.Study, trial: FrozenTrial, message: str | None = None) -> bool:
+    """Mark a trial FAIL (with a message); False if it finished in the meantime."""
+    storage = storage_of(study)
+    if message is not None:
+        storage.set_trial_user_attr(trial_id(trial), "error_message", message)
+    try:
+        storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
+    except RuntimeError:
+        return False
+    return True
+
+
 def fail_stale(study: optuna.Study) -> list[int]:
     """Fail every RUNNING trial whose worker is dead; returns their numbers."""
     failed = []
-    if isinstance(study._storage, RDBStorage) or isinstance(
-        getattr(study._storage, "_backend", None), RDBStorage
+    storage = storage_of(study)
+    if isinstance(storage, RDBStorage) or isinstance(
+        getattr(storage, "_backend", None), RDBStorage
     ):
         optuna.storages.fail_stale_trials(study)  # the RDB heartbeat: marks them FAIL
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         why = is_stale(t)
-        if why is None:
-            continue
-        storage = study._storage
-        storage.set_trial_user_attr(t._trial_id, "error_message", f"worker died: {why}")
-        try:
-            storage.set_trial_state_values(t._trial_id, TrialState.FAIL)
-        except RuntimeError:
-            continue  # finished in the meantime
-        failed.append(t.number)
+        if why is not None and fail_trial(study, t, f"worker died: {why}"):
+            failed.append(t.number)
     return failed
 
 

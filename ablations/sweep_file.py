@@ -143,7 +143,7 @@ def _param(key: str, spec: Any) -> Param:
             f"{where}: expected a mapping with one of value, values, distribution; got {spec!r}"
         )
     _check_keys(where, spec, PARAM_KEYS)
-    kind = S.check_key(key).kind.split("|")[0]
+    kind = S.check_key(key).type.__name__
 
     def coerce(v: Any) -> Any:
         try:

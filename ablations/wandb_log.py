@@ -6,9 +6,11 @@ import logging
 import netrc
 import os
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from lightning.pytorch.loggers import WandbLogger
+if TYPE_CHECKING:
+    from ablations.wandb_logger import SafeWandbLogger
+
 
 log = logging.getLogger("ablations.wandb")
 MODES = ("online", "offline", "disabled")
@@ -32,34 +34,6 @@ def run_name(flat: dict[str, Any], trial: int) -> str:
     return f"{flat['model.name']}-s{flat['seed']}-t{trial}"
 
 
-class SafeWandbLogger(WandbLogger):
-    """A WandbLogger whose failures are logged and then ignored: W&B never fails a trial."""
-
-    broken = False
-
-    def _guard(self, what: str, fn, *args, **kwargs) -> Any:
-        if self.broken:
-            return None
-        try:
-            return fn(*args, **kwargs)
-        except Exception as err:
-            self.broken = True
-            log.warning("W&B %s failed, the trial goes on without it: %s", what, err)
-            return None
-
-    def log_metrics(self, metrics, step=None) -> None:
-        self._guard("log_metrics", super().log_metrics, metrics, step)
-
-    def log_hyperparams(self, params, *args, **kwargs) -> None:
-        self._guard("log_hyperparams", super().log_hyperparams, params, *args, **kwargs)
-
-    def after_save_checkpoint(self, checkpoint_callback) -> None:
-        self._guard("after_save_checkpoint", super().after_save_checkpoint, checkpoint_callback)
-
-    def finalize(self, status: str) -> None:
-        self._guard("finalize", super().finalize, status)
-
-
 def trial_logger(
     mode: str,
     *,
@@ -77,6 +51,8 @@ def trial_logger(
     config = {**{k: v for k, v in flat.items() if v is not None}, "study": study, "trial": trial}
     tags = [f"{k}={flat[k]}"[:64] for k in swept if k in flat]
     try:
+        from ablations.wandb_logger import SafeWandbLogger  # Lightning, on first use
+
         logger = SafeWandbLogger(
             project=project or "allconv-ablations",
             entity=entity,

@@ -23,7 +23,8 @@ from lightning.pytorch.callbacks import Callback
 from ablations import settings as S
 from ablations.run import git_commit
 from datamodules import DeviceLoader
-from lightning_modules.family import ModelSpec, build
+from lightning_modules.family import ModelSpec
+from lightning_modules.net import build
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

@@ -35,8 +35,9 @@ from ablations import sweep_file as SF
 from benchmarks import common as C
 from benchmarks.loader import device_loader_ips
 from datamodules import DeviceLoader
-from lightning_modules.family import build, paper_presets
-from lightning_modules.module import resolve_precision
+from lightning_modules.family import paper_presets
+from lightning_modules.net import build
+from lightning_modules.precision import resolve_precision
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTOCOL = {"epochs": 350, "train": 45000, "val": 5000, "test": 10000}

@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
 def import_seconds() -> float:
     """What every worker (and the launcher) pays before its first trial: the imports."""
     t0 = time.perf_counter()
-    code = "import ablations.sweep, ablations.run"
+    code = "import ablations.worker, ablations.run"
     subprocess.run([sys.executable, "-c", code], check=True, capture_output=True)
     return time.perf_counter() - t0
 

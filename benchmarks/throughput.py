@@ -33,8 +33,9 @@ from torchvision import transforms
 from ablations import run
 from benchmarks import common as C
 from datamodules import make_synthetic
-from lightning_modules.family import ModelSpec, build
-from lightning_modules.module import resolve_precision
+from lightning_modules.family import ModelSpec
+from lightning_modules.net import build
+from lightning_modules.precision import resolve_precision
 
 TARGET_VS_BARE = 0.90
 TARGET_VS_TYPICAL = 1.8

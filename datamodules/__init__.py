@@ -1,20 +1,41 @@
-"""Datasets, preprocessing and the device-resident loader, chosen by `data.*` settings."""
+"""Datasets, preprocessing and the device-resident loader, chosen by `data.*` settings.
 
-from datamodules.datamodule import DATASETS, AllConvDataModule, split_sizes, stratified_take
-from datamodules.loader import AUGMENTATIONS, DeviceLoader, flip_translate
-from datamodules.preprocess import PREPROCESSING
+Names are resolved on first use (PEP 562), so `from datamodules import DataError` or the
+choice tables do not import torch or Lightning; the CLI's `--help`, `status` and `export`
+stay fast.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from datamodules.choices import AUGMENT_CHOICES, PREPROCESS_CHOICES
+from datamodules.sources import SOURCES as DATASETS
 from datamodules.sources import DataError, RawData, make_synthetic
 
+_LAZY = {
+    "AllConvDataModule": "datamodules.datamodule",
+    "split_sizes": "datamodules.datamodule",
+    "stratified_take": "datamodules.datamodule",
+    "AUGMENTATIONS": "datamodules.loader",
+    "DeviceLoader": "datamodules.loader",
+    "flip_translate": "datamodules.loader",
+    "PREPROCESSING": "datamodules.preprocess",
+}
+
 __all__ = [
-    "AUGMENTATIONS",
+    "AUGMENT_CHOICES",
     "DATASETS",
-    "PREPROCESSING",
-    "AllConvDataModule",
+    "PREPROCESS_CHOICES",
     "DataError",
-    "DeviceLoader",
     "RawData",
-    "flip_translate",
     "make_synthetic",
-    "split_sizes",
-    "stratified_take",
+    *_LAZY,
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        return getattr(importlib.import_module(_LAZY[name]), name)
+    raise AttributeError(f"module 'datamodules' has no attribute {name!r}")

@@ -11,6 +11,8 @@ from collections.abc import Callable, Iterator
 
 import torch
 
+from datamodules.choices import AUGMENT_CHOICES
+
 MAX_SHIFT = 5  # px, the paper's translations for the augmented CIFAR-10 result
 
 
@@ -62,6 +64,7 @@ AUGMENTATIONS: dict[str, Callable[[torch.Tensor], FlipTranslate] | None] = {
     "none": None,
     "flip-translate": FlipTranslate,
 }
+assert set(AUGMENTATIONS) == set(AUGMENT_CHOICES), set(AUGMENTATIONS) ^ set(AUGMENT_CHOICES)
 
 
 def stream_seed(*parts: int) -> int:

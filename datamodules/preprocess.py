@@ -13,6 +13,8 @@ from typing import NamedTuple
 
 import torch
 
+from datamodules.choices import PREPROCESS_CHOICES
+
 GCN_SCALE = 55.0  # the paper's (pylearn2's) global contrast normalisation scale
 ZCA_BIAS = 0.1  # pylearn2's filter_bias: keeps near-zero eigenvalues from exploding noise
 CHUNK = 8192  # images per step: keeps the float64 peak small on 50k CIFAR images
@@ -100,6 +102,7 @@ PREPROCESSING: dict[str, Preprocessing] = {
         {},
     ),
 }
+assert set(PREPROCESSING) == set(PREPROCESS_CHOICES), set(PREPROCESSING) ^ set(PREPROCESS_CHOICES)
 
 
 def cache_key(**parts: object) -> str:

@@ -16,7 +16,7 @@ from optuna.trial import TrialState, create_trial
 from ablations import export as E
 from ablations import settings as S
 from ablations import storage as ST
-from ablations import sweep as SW
+from ablations import study as SD
 from ablations import sweep_file as SF
 from ablations.cli import main
 from tests.conftest import tree
@@ -58,7 +58,7 @@ def make_study(
     )
     (root / f"{name}.yaml").write_text(yaml.safe_dump(raw))
     sweep = SF.load(root / f"{name}.yaml")
-    study = SW.open_study(sweep, ST.default_url(name, root / "runs"), name, create=True)
+    study = SD.open_study(sweep, ST.default_url(name, root / "runs"), name, create=True)
     cells, _ = sweep.cells()
     for i, cell in enumerate(reversed(cells)):  # stored out of order on purpose
         settings = S.resolve({**sweep.base, **cell})
@@ -506,7 +506,7 @@ def test_a_study_with_no_trials(tmp_path, capsys, monkeypatch):
     }
     (tmp_path / "empty.yaml").write_text(yaml.safe_dump(raw))
     sweep = SF.load(tmp_path / "empty.yaml")
-    SW.open_study(sweep, ST.default_url("empty", Path("runs")), "empty", create=True)
+    SD.open_study(sweep, ST.default_url("empty", Path("runs")), "empty", create=True)
     before = tree(tmp_path)
     assert main(["export", "empty"]) == 2
     assert "study empty has no trials yet" in capsys.readouterr().err
@@ -535,10 +535,10 @@ def test_the_ablation_table_run_keeps_tables_and_figures_apart(study, tmp_path):
     in-process run of another test would inherit."""
     code = (
         "import optuna; from pathlib import Path; from ablations import export as E, "
-        "storage as ST, sweep as SW; "
+        "storage as ST, study as SD; "
         "s = optuna.load_study(study_name='paper', storage=ST.open_storage("
         "ST.default_url('paper', Path('runs')))); "
-        "E.log_to_wandb(s, SW.stored_sweep(s), 'offline', Path('runs/paper'))"
+        "E.log_to_wandb(s, SD.stored_sweep(s), 'offline', Path('runs/paper'))"
     )
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": "offline"}
@@ -554,6 +554,7 @@ def test_the_ablation_table_run_keeps_tables_and_figures_apart(study, tmp_path):
         text=True,
         timeout=60,
     )
+    assert out.returncode == 0 and out.stdout.strip(), (out.stdout[-1000:], out.stderr[-2000:])
     doc = json.loads(out.stdout)
     assert doc["name"] == "paper-ablation-table"
     summary = doc["summary"]

@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from lightning_modules import family as F
+from lightning_modules import net as N
 
 SHAPES = [(3, 32, 10), (1, 28, 10), (3, 32, 100)]
 COMBOS = list(product(F.BASES, F.POOLINGS, F.STRIDED_CONVS, F.HEADS))
@@ -35,7 +36,7 @@ def test_every_combination_builds_runs_and_gets_gradients(
         in_size=size,
         num_classes=classes,
     )
-    net = F.build(spec)
+    net = N.build(spec)
     out = net(torch.randn(2, channels, size, size))
     assert out.shape == (2, classes)
     out.square().sum().backward()
@@ -45,7 +46,7 @@ def test_every_combination_builds_runs_and_gets_gradients(
 
 def test_hundred_classes():
     spec = F.ModelSpec(pooling="none", strided_conv="extra", width=0.125, num_classes=100)
-    assert F.build(spec)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+    assert N.build(spec)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
 
 
 @pytest.mark.parametrize("pooling", [p for p in F.POOLINGS if p != "none"])
@@ -83,7 +84,7 @@ def test_unknown_slot_value_lists_valid_ones(table, key):
 
 def test_paper_parameter_counts():
     presets = F.paper_presets()
-    count = {name: F.count_params(F.build(spec)) for name, spec in presets.items()}
+    count = {name: N.count_params(N.build(spec)) for name, spec in presets.items()}
     assert count["Model C"] == 954_730
     assert count["All-CNN-C"] == 1_369_738
     assert count["ConvPool-CNN-C"] == count["All-CNN-C"]
@@ -120,12 +121,12 @@ def test_feature_sizes_and_macs():
     spec = F.ModelSpec(in_channels=1, in_size=28)
     assert spec.feature_sizes() == [28, 14, 7, 5]
     # Model C's first conv alone: 32*32 positions x 96 filters x 27 weights
-    assert F.count_macs(F.build(F.ModelSpec())) > 32 * 32 * 96 * 27
+    assert N.count_macs(N.build(F.ModelSpec())) > 32 * 32 * 96 * 27
 
 
 def test_batch_norm_and_width():
     spec = F.ModelSpec(norm="batch", width=0.5)
-    net = F.build(spec)
+    net = N.build(spec)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     assert spec.channels() == (48, 96, 96)
 
@@ -134,7 +135,7 @@ def test_batch_norm_and_width():
 def test_he_init_keeps_activations_near_unit_scale(name):
     # the property that lets the paper models train without normalisation layers, with the
     # paper's dropout on (training) and off (evaluation)
-    net = F.build(F.paper_presets()[name])
+    net = N.build(F.paper_presets()[name])
     x = torch.randn(8, 3, 32, 32)
     for training in (True, False):
         net.train(training)
@@ -155,7 +156,7 @@ def test_init_corrects_for_dropout_and_the_class_score_layer():
     """He fan-in std sqrt(2 / fan_in), times sqrt(1 - p) right after a dropout of rate p, and
     gain 1 (std sqrt(1 / fan_in)) for the class-score layer, which no ReLU follows."""
     torch.manual_seed(0)
-    net = F.build(F.ModelSpec(base="C", dropout="paper"))
+    net = N.build(F.ModelSpec(base="C", dropout="paper"))
     weights = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     first, after_stage1, last = weights[0], weights[2], weights[-1]
 
@@ -170,7 +171,7 @@ def test_init_corrects_for_dropout_and_the_class_score_layer():
     assert last.weight.std().item() == pytest.approx(expected(last, math.sqrt(0.5)), rel=0.1)
     plain = [
         m
-        for m in F.build(F.ModelSpec(base="C", dropout="none")).modules()
+        for m in N.build(F.ModelSpec(base="C", dropout="none")).modules()
         if isinstance(m, torch.nn.Conv2d)
     ]
     assert plain[2].weight.std().item() == pytest.approx(expected(plain[2], 1), rel=0.05)

@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ablations import settings as S
 from ablations import storage as ST
-from ablations import sweep as SW
+from ablations import study as SD
 from ablations.cli import main
 from tests.test_sweeps import FAST, sweep_cli, write_sweep
 
@@ -108,7 +108,7 @@ def test_four_machines_race_on_one_grid(tmp_path, in_tmp, postgres):
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
     trials = trials_of(url)
-    cells = [t.user_attrs["cell"] for t in trials if SW.trial_state(t) == "complete"]
+    cells = [t.user_attrs["cell"] for t in trials if SD.trial_state(t) == "complete"]
     assert len(cells) == 8 and len(set(cells)) == 8
     assert len(trials) == 8
     assert len({t.user_attrs["worker.host"] for t in trials}) >= 2
@@ -142,7 +142,7 @@ def test_sigkilled_machine_is_noticed_by_heartbeat_and_its_cell_rerun(tmp_path, 
     trials = trials_of(url)
     by_state = {}
     for t in trials:
-        by_state.setdefault(SW.trial_state(t), []).append(t)
+        by_state.setdefault(SD.trial_state(t), []).append(t)
     assert len(by_state["complete"]) == 2
     assert len({t.user_attrs["cell"] for t in by_state["complete"]}) == 2
     dead = by_state["failed"]
@@ -175,7 +175,7 @@ def test_database_going_away_mid_sweep_then_coming_back(tmp_path, in_tmp, postgr
     while time.time() < deadline and not done:
         time.sleep(0.5)
         try:
-            done = [t for t in trials_of(url) if SW.trial_state(t) == "complete"]
+            done = [t for t in trials_of(url) if SD.trial_state(t) == "complete"]
         except KeyError:  # the study is not created yet
             continue
     assert done, "no trial finished"
@@ -192,7 +192,7 @@ def test_database_going_away_mid_sweep_then_coming_back(tmp_path, in_tmp, postgr
     )
     assert out.returncode == 0, out.stderr
     trials = trials_of(url)
-    complete = [t for t in trials if SW.trial_state(t) == "complete"]
+    complete = [t for t in trials if SD.trial_state(t) == "complete"]
     assert len({t.user_attrs["cell"] for t in complete}) == 4 and len(complete) == 4
     for number, err in kept.items():
         assert trials[number].user_attrs["test/error"] == err
@@ -258,7 +258,7 @@ def test_ddp_sweep_trial_logs_one_wandb_run_and_one_result(tmp_path, in_tmp):
     )
     assert out.returncode == 0, out.stderr
     trials = trials_of(ST.open_storage(ST.default_url("t", Path("runs"))))
-    assert [SW.trial_state(t) for t in trials] == ["complete"], [
+    assert [SD.trial_state(t) for t in trials] == ["complete"], [
         t.user_attrs.get("error_message") for t in trials
     ]
     assert trials[0].user_attrs["wandb_run_id"]
@@ -271,3 +271,41 @@ def test_devices_naming_a_missing_gpu(tmp_path, in_tmp, capsys, monkeypatch):
     assert main(["sweep", str(file), "--devices", "0,3", "--wandb", "disabled"]) == 2
     assert "no GPU 3; visible GPUs: 0, 1" in capsys.readouterr().err
     assert not Path("runs").exists()
+
+
+def test_worker_plan_shares_each_gpu_and_splits_the_cpu_threads():
+    from ablations.launcher import worker_plan
+
+    # 2 GPUs, 3 trials each, 48 cores: six workers, spread over the GPUs in turn, 8 threads
+    assert worker_plan(["0", "1"], 1, 3, 1, 48) == [("0", 8), ("1", 8)] * 3
+    # GPU pairs for DDP trials, 2 workers per pair
+    assert worker_plan(["0,1", "2,3"], 1, 2, 2, 16) == [("0,1", 4), ("2,3", 4)] * 2
+    # CPU workers, DDP trials of 2 processes each: 2 x 2 processes on 8 cores
+    assert worker_plan([], 2, 1, 2, 8) == [(None, 2), (None, 2)]
+    assert worker_plan([], 4, 1, 1, 2) == [(None, 1)] * 4  # never fewer than one thread
+
+
+def test_trials_per_device_without_a_gpu_is_refused(tmp_path, in_tmp, capsys):
+    file = write_sweep(tmp_path / "s.yaml")
+    assert main(["sweep", str(file), "--trials-per-device", "2", "--wandb", "disabled"]) == 2
+    err = capsys.readouterr().err
+    assert "--trials-per-device 2 shares GPUs between workers" in err and "--workers N" in err
+    assert not Path("runs").exists()
+
+
+def test_trials_per_device_starts_that_many_workers_per_gpu(tmp_path, in_tmp):
+    """Two GPUs named in CUDA_VISIBLE_DEVICES (this machine has none, so the trials train on
+    the CPU): two workers per GPU, each pinned to its GPU with its share of the threads, and
+    the grid done once."""
+    file = write_sweep(tmp_path / "s.yaml", parameters={"seed": {"values": [0, 1]}})
+    cmd = [*sweep_cli(file, workers=1), "--devices", "auto", "--trials-per-device", "2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0,1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    lines = [json.loads(p.read_text()) for p in sorted(Path("runs/t/workers").glob("*.json"))]
+    assert [w["devices"] for w in lines] == ["0", "1", "0", "1"]
+    cpus = len(os.sched_getaffinity(0))
+    assert {w["threads"] for w in lines} == {max(1, cpus // 4)}
+    study = optuna.load_study(study_name="t", storage=ST.open_storage(ST.default_url("t")))
+    done = [t.user_attrs["cell"] for t in study.get_trials() if t.state.name == "COMPLETE"]
+    assert len(done) == 4 and len(set(done)) == 4

@@ -30,10 +30,21 @@ def test_unknown_key_suggests_the_closest(capsys, in_tmp):
         ("model.head=mlp", "valid values: gap, fc"),
         ("model.pooling=maxx", "valid values: max, avg, none"),
         ("data.dataset=mnist", "valid values: cifar10, cifar100, fashion-mnist, synthetic"),
+        ("train.momentum=-5", "train.momentum=-5.0 must be at least 0"),
+        ("train.weight_decay=-1", "train.weight_decay=-1.0 must be at least 0"),
+        ("seed=-3", "seed=-3 must be at least 0"),
+        ("seed=99999999999", "seed=99999999999 must be at most 4294967295"),
+        ("model.width=1000", "model.width=1000.0 must be at most 8"),
+        ("model.width=.inf", "model.width=inf must be a finite number"),
+        ("train.lr=.nan", "train.lr=nan must be a finite number"),
+        ("train.lr_gamma=2", "train.lr_gamma=2.0 must be at most 1"),
+        ("data.subset=0", "data.subset=0 must be at least 1"),
+        ("seed=1 seed=2", "seed is given twice (1 and '2'); give it once"),
     ],
 )
 def test_bad_settings_exit_2_and_write_nothing(capsys, in_tmp, item, message):
-    code, out, err = run_cli(capsys, "train", "data.dataset=synthetic", item)
+    base = [] if item.startswith("data.dataset") else ["data.dataset=synthetic"]
+    code, out, err = run_cli(capsys, "train", *base, *item.split())
     assert code == 2
     assert message in err
     assert err.count("\n") == 1  # one message
@@ -131,3 +142,33 @@ def test_a_sweep_file_with_yaml_exponents_loads(tmp_path):
 def test_non_finite_numbers_are_refused(raw):
     with pytest.raises(S.SettingsError, match="must be a finite number"):
         S.coerce("train.lr", raw)
+
+
+def test_settings_after_a_flag_are_settings(capsys, in_tmp):
+    code, _, err = run_cli(capsys, "train", "data.dataset=synthetic", "--quiet", "train.lr=x")
+    assert code == 2 and "train.lr='x' has the wrong type: expected float" in err
+    assert tree(in_tmp) == []
+
+
+def test_model_defaults_are_the_specs():
+    from dataclasses import fields
+
+    from lightning_modules.family import ModelSpec
+
+    spec = {f.name: f.default for f in fields(ModelSpec)}
+    for name in ("base", "head", "width", "norm", "dropout", "score_relu"):
+        assert S.SCHEMA[f"model.{name}"].default == spec[name]
+    # pooling and strided_conv default to None so that model.variant may set them; the
+    # spec's defaults apply when neither is given
+    assert S.model_spec(S.resolve({})).pooling == spec["pooling"]
+
+
+def test_help_lists_type_default_choices_bounds_and_help(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    for key, setting in S.SCHEMA.items():
+        assert f"    {key} ({setting.kind}, default {setting.default}" in out
+        assert setting.help in out
+    assert "train.momentum (float, default 0.9; >= 0, <= 1)" in out
+    assert "data.val_size (int or 'auto', default auto)" in out

@@ -13,8 +13,9 @@ import torch
 import yaml
 
 from ablations import storage as ST
-from ablations import sweep as SW
+from ablations import study as SD
 from ablations import sweep_file as SF
+from ablations import worker
 from ablations.cli import main
 from tests.conftest import tree
 
@@ -61,7 +62,7 @@ def run_worker(file: Path, study: str = "t", runs: Path = Path("runs"), **kw) ->
     """One in-process worker, as `ablate sweep` starts them, after creating the study."""
     sweep = SF.load(file)
     url = kw.pop("storage", ST.default_url(study, runs))
-    SW.open_study(sweep, url, study, create=True)
+    SD.open_study(sweep, url, study, create=True)
     argv = [
         str(file),
         "--study",
@@ -75,7 +76,7 @@ def run_worker(file: Path, study: str = "t", runs: Path = Path("runs"), **kw) ->
     ]
     for k, v in kw.items():
         argv += [f"--{k.replace('_', '-')}", str(v)]
-    assert SW.worker_main(argv) == 0
+    assert worker.main(argv) == 0
 
 
 def load(study="t", runs=Path("runs")):
@@ -84,7 +85,7 @@ def load(study="t", runs=Path("runs")):
 
 def complete_cells(study):
     return sorted(
-        t.user_attrs["cell"] for t in study.get_trials() if SW.trial_state(t) in SW.DONE_STATES
+        t.user_attrs["cell"] for t in study.get_trials() if SD.trial_state(t) in SD.DONE_STATES
     )
 
 
@@ -220,7 +221,7 @@ def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     trials = load().get_trials()
-    assert [SW.trial_state(t) for t in trials] == ["failed", "complete"]
+    assert [SD.trial_state(t) for t in trials] == ["failed", "complete"]
     assert "worker died" in trials[0].user_attrs["error_message"]
     assert trials[0].user_attrs["cell"] == trials[1].user_attrs["cell"]
 
@@ -236,7 +237,7 @@ def test_diverged_trial_is_recorded_not_retried_and_the_sweep_goes_on(tmp_path, 
     )
     run_worker(file)
     trials = load().get_trials()
-    states = {t.params["train.lr"]: SW.trial_state(t) for t in trials}
+    states = {t.params["train.lr"]: SD.trial_state(t) for t in trials}
     assert states == {1e12: "diverged", 0.01: "complete"}
     assert (
         "non-finite"
@@ -293,17 +294,17 @@ def test_wandb_offline_run_files(tmp_path, in_tmp):
 
 
 def test_a_wandb_failure_never_fails_a_trial(tmp_path, in_tmp, monkeypatch):
-    from ablations import wandb_log
+    from ablations.wandb_logger import SafeWandbLogger
 
     def broken(*a, **k):
         raise RuntimeError("W&B is down")
 
-    monkeypatch.setattr(wandb_log.SafeWandbLogger, "__init__", broken)
+    monkeypatch.setattr(SafeWandbLogger, "__init__", broken)
     run_worker(
         write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"}}),
         wandb="offline",
     )
-    assert [SW.trial_state(t) for t in load().get_trials()] == ["complete"]
+    assert [SD.trial_state(t) for t in load().get_trials()] == ["complete"]
 
 
 @pytest.mark.parametrize("method", ["random", "bayes"])
@@ -338,7 +339,7 @@ def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
         },
     )
     sweep = SF.load(file)
-    study = SW.open_study(sweep, ST.default_url("t", Path("runs")), "t", create=True)
+    study = SD.open_study(sweep, ST.default_url("t", Path("runs")), "t", create=True)
     # good trials already in the study: low validation error at every epoch
     dist = {"train.lr": optuna.distributions.CategoricalDistribution([1e-9])}
     for i in range(30):
@@ -367,12 +368,12 @@ def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
         "--limit",
         "33",
     ]
-    assert SW.worker_main(argv) == 0
+    assert worker.main(argv) == 0
     ours = [t for t in load().get_trials() if "worker.pid" in t.user_attrs]
     # Hyperband's last bracket only judges at max_iter, so not every trial can be pruned;
     # trials at chance level in the other brackets must be, before their last epoch
-    pruned = [t for t in ours if SW.trial_state(t) == "pruned"]
-    assert pruned, [(t.number, SW.trial_state(t), t.intermediate_values) for t in ours]
+    pruned = [t for t in ours if SD.trial_state(t) == "pruned"]
+    assert pruned, [(t.number, SD.trial_state(t), t.intermediate_values) for t in ours]
     assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
 
 
@@ -388,7 +389,7 @@ def test_status_prints_totals_and_cells(tmp_path, in_tmp, capsys):
 def test_worker_status_line_is_written_by_rank_zero_only(tmp_path):
     """Under DDP every rank runs the callbacks: only rank 0 writes the worker's live line."""
     path = tmp_path / "worker-0.json"
-    status = SW.StatusFile(path, worker=0)
+    status = worker.StatusFile(path, worker=0)
     metrics = {"val/error": torch.tensor(12.345)}
     status.on_train_epoch_end(
         SimpleNamespace(is_global_zero=False, current_epoch=0, callback_metrics=metrics), None

@@ -9,7 +9,8 @@ cosine similarity of each parameter's gradient under bf16 autocast to its 32-bit
 import torch
 import torch.nn.functional as F
 
-from lightning_modules.family import ModelSpec, build
+from lightning_modules.family import ModelSpec
+from lightning_modules.net import build
 
 
 def grads(net: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, bf16: bool) -> list:

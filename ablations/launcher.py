@@ -1,0 +1,349 @@
+"""`ablate sweep`: check the file, open the study, start the workers, show them, close up.
+
+The launcher owns its workers (one process each, `python -m ablations.worker`), pins their
+CPU threads or GPUs, draws the live table from their status files, and when trials finished
+writes the study's exports and its closing `ablation-table` W&B run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import optuna
+
+from ablations import settings as S
+from ablations import storage as ST
+from ablations import study as SD
+from ablations import sweep_file as SF
+from ablations import wandb_log
+
+
+def usable_cpus() -> int:
+    """CPUs this process may use: its affinity mask (taskset, Slurm, cgroups), not the host's."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # macOS and Windows have no affinity mask
+        return os.cpu_count() or 1
+
+
+def _gpus(devices: str) -> list[str]:
+    """GPU indices to pin workers to, listed without initialising CUDA in this process."""
+    visible = _visible_gpus()
+    if devices == "auto":
+        return visible
+    wanted = [d.strip() for d in devices.split(",") if d.strip()]
+    unknown = [d for d in wanted if d not in visible]
+    if unknown:
+        raise SF.SweepError(
+            f"--devices {devices}: no GPU {', '.join(unknown)}; visible GPUs: "
+            f"{', '.join(visible) or 'none'}"
+        )
+    return wanted
+
+
+def _visible_gpus() -> list[str]:
+    env = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if env is not None:
+        return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    try:
+        out = subprocess.run(
+            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
+            capture_output=True,
+            text=True,
+            timeout=20,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return []
+    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+
+
+def dry_run(sweep: SF.Sweep, study_name: str, url: str) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console(width=140)
+    if sweep.method != "grid":
+        console.print(
+            f"{study_name}: {sweep.method} search, run_cap {sweep.run_cap} trials, "
+            f"up to {sweep.epochs({})} epochs each, storage {url}"
+        )
+        return
+    valid, invalid = sweep.cells()
+    table = Table(title=f"{study_name}: {len(valid)} cells ({url})")
+    table.add_column("#", justify="right")
+    for key in sweep.swept:
+        table.add_column(key)
+    table.add_column("model.name")
+    table.add_column("epochs", justify="right")
+    epochs = 0
+    for i, cell in enumerate(valid):
+        flat = S.resolve({**sweep.base, **cell})
+        name = S.model_spec(flat).name
+        e = sweep.epochs(cell)
+        epochs += e
+        table.add_row(str(i), *(str(cell[k]) for k in sweep.swept), name, str(e))
+    console.print(table)
+    for cell, why in invalid:
+        print(f"skipped invalid cell {SF.cell_id(cell)}: {why}")
+    print(f"{len(valid)} cells to run, {len(invalid)} invalid skipped, {epochs} epochs in all")
+
+
+def worker_plan(
+    gpu_groups: list[str], workers: int, per_device: int, per_trial: int, cpus: int
+) -> list[tuple[str | None, int]]:
+    """(CUDA_VISIBLE_DEVICES or None, CPU threads) for each worker process.
+
+    With GPUs: `per_device` workers share each group of `per_trial` GPUs (All-CNN-C at batch
+    128 fills a fraction of an H100 or H200), workers of one group spread over the groups in
+    turn; without: `workers` CPU workers. The CPU threads are split evenly between every
+    process that trains (a DDP trial on the CPU runs `per_trial` of them), at least one each.
+    """
+    if gpu_groups:
+        slots = [g for _ in range(per_device) for g in gpu_groups]
+        return [(g, max(1, cpus // len(slots))) for g in slots]
+    return [(None, max(1, cpus // (workers * per_trial)))] * workers
+
+
+def launch(args: argparse.Namespace) -> int:
+    sweep = SF.load(args.file)
+    study_name = args.study or sweep.name
+    runs_dir = Path(args.runs_dir) / study_name
+    url = args.storage or ST.default_url(study_name, Path(args.runs_dir))
+    gpus = _gpus(args.devices) if args.devices not in (None, "cpu") else []
+    k = args.devices_per_trial
+    if k < 1:
+        raise SF.SweepError(f"--devices-per-trial {k}: give at least 1")
+    if k > 1 and sweep.hyperband is not None:
+        raise SF.SweepError(
+            "early_terminate (hyperband) with --devices-per-trial > 1 is not "
+            "supported: pruning decisions would have to cross processes"
+        )
+    if gpus and len(gpus) % k:
+        raise SF.SweepError(
+            f"--devices-per-trial {k} does not divide the {len(gpus)} GPUs ({','.join(gpus)})"
+        )
+    groups = [",".join(gpus[i : i + k]) for i in range(0, len(gpus), k)]
+    if args.workers < 1:
+        raise SF.SweepError(f"--workers {args.workers}: give at least 1")
+    if args.trials_per_device < 1:
+        raise SF.SweepError(f"--trials-per-device {args.trials_per_device}: give at least 1")
+    if args.trials_per_device > 1 and not gpus:
+        raise SF.SweepError(
+            f"--trials-per-device {args.trials_per_device} shares GPUs between workers; "
+            "this run has none (--devices auto or a GPU list); on CPUs use --workers N"
+        )
+    if args.dry_run:
+        dry_run(sweep, study_name, url)
+        return 0
+    _, invalid = sweep.cells() if sweep.method == "grid" else ([], [])
+    study = SD.open_study(sweep, url, study_name, create=True)
+    study.set_user_attr("sweep.run_cap", sweep.run_cap)
+    for cell, why in invalid:
+        print(f"skipping invalid cell {SF.cell_id(cell)}: {why}", file=sys.stderr)
+    wandb_mode = args.wandb or wandb_log.default_mode()
+    before = SD.totals(study, sweep)
+    if before["left"] + before["running"] == 0 and not SD.stale_pending(study):
+        print(
+            f"{study_name}: nothing left to run ({before['done']}/{before['cells']} done, "
+            f"{before['failed']} failed trials); storage {url}"
+        )
+        return 0
+    plan = worker_plan(groups, args.workers, args.trials_per_device, k, usable_cpus())
+    limit = None
+    if args.max_trials is not None:
+        limit = len(study.get_trials(deepcopy=False)) + args.max_trials
+    status_dir = runs_dir / "workers"
+    status_dir.mkdir(parents=True, exist_ok=True)
+    procs = []
+    for i, (devices, threads) in enumerate(plan):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        if devices is not None:
+            env["CUDA_VISIBLE_DEVICES"] = devices
+        cmd = [
+            sys.executable,
+            "-m",
+            "ablations.worker",
+            args.file,
+            "--study",
+            study_name,
+            "--storage",
+            url,
+            "--runs-dir",
+            str(runs_dir),
+            "--worker",
+            str(i),
+            "--threads",
+            str(threads),
+            "--wandb",
+            wandb_mode,
+            "--status",
+            str(status_dir / f"worker-{i}.json"),
+            "--devices-per-trial",
+            str(k),
+        ]
+        if limit is not None:
+            cmd += ["--limit", str(limit)]
+        log_path = runs_dir / "logs" / f"worker-{i}.log"
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "a") as log_file:
+            procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
+    t0 = time.time()
+    try:
+        _watch(study, sweep, procs, status_dir, t0)
+    except KeyboardInterrupt:
+        for proc in procs:
+            proc.send_signal(signal.SIGINT)
+        for proc in procs:
+            proc.wait()
+        print("interrupted: run the same command again to continue", file=sys.stderr)
+        return 130
+    codes = [p.returncode for p in procs]
+    final = SD.totals(study, sweep)
+    print(
+        f"{study_name}: {final['done']}/{final['cells']} done, {final['failed']} failed "
+        f"trials, {final['left']} left, {time.time() - t0:.0f} s; storage {url}"
+    )
+    if any(codes):
+        print(f"worker exit codes {codes}; logs in {runs_dir / 'logs'}", file=sys.stderr)
+    if final["done"] > before["done"]:
+        _closing_table(study, sweep, wandb_mode, runs_dir)
+    return 0 if not any(codes) else 1
+
+
+def _closing_table(study: optuna.Study, sweep: SF.Sweep, mode: str, runs_dir: Path) -> None:
+    """The exports under runs/<study>/export, and one `ablation-table` W&B run."""
+    from ablations import export
+
+    try:
+        export.log_to_wandb(study, sweep, mode, runs_dir)
+    except Exception as err:  # the sweep's results are in the study whatever happens here
+        print(f"closing export/W&B table failed: {err}", file=sys.stderr)
+
+
+# --- the live display ------------------------------------------------------------------------
+
+
+def _worker_lines(status_dir: Path, n: int) -> list[dict[str, Any]]:
+    out = []
+    for i in range(n):
+        try:
+            out.append(json.loads((status_dir / f"worker-{i}.json").read_text()))
+        except (OSError, ValueError):
+            out.append({"worker": i, "state": "starting"})
+    return out
+
+
+def _render(study_name: str, tot: dict[str, int], lines: list[dict], eta: str):
+    from rich.table import Table
+
+    table = Table(
+        title=f"{study_name}: {tot['done']} done / {tot['running']} running / "
+        f"{tot['failed']} failed / {tot['left']} left   ETA {eta}",
+        title_justify="left",
+    )
+    for col in ("worker", "state", "trial", "cell", "epoch", "val/error"):
+        table.add_column(col)
+    for w in lines:
+        epoch = f"{w.get('epoch', '')}/{w.get('epochs', '')}" if w.get("epochs") else ""
+        table.add_row(
+            str(w.get("worker")),
+            str(w.get("state", "")),
+            str(w.get("trial", "")),
+            str(w.get("cell") or ""),
+            epoch,
+            str(w.get("val_error") or ""),
+        )
+    return table
+
+
+def _watch(study: optuna.Study, sweep: SF.Sweep, procs: list, status_dir: Path, t0: float) -> None:
+    from rich.console import Console
+    from rich.live import Live
+
+    console = Console()
+    start_done = SD.totals(study, sweep)["done"]
+    last_line = None
+
+    def snapshot():
+        tot = SD.totals(study, sweep)
+        finished = tot["done"] - start_done
+        elapsed = time.time() - t0
+        eta = "?"
+        if finished > 0 and tot["left"] + tot["running"] > 0:
+            # trials finish at `finished / elapsed` a second; running ones are half done
+            secs = (tot["left"] + tot["running"] / 2) * elapsed / finished
+            eta = time.strftime("%H:%M:%S", time.gmtime(secs))
+        elif tot["left"] + tot["running"] == 0:
+            eta = "0"
+        return tot, eta
+
+    if console.is_terminal:
+        with Live(console=console, refresh_per_second=2) as live:
+            while any(p.poll() is None for p in procs):
+                tot, eta = snapshot()
+                live.update(
+                    _render(study.study_name, tot, _worker_lines(status_dir, len(procs)), eta)
+                )
+                time.sleep(1)
+            tot, eta = snapshot()
+            live.update(_render(study.study_name, tot, _worker_lines(status_dir, len(procs)), eta))
+        return
+    # not a terminal (CI, a log file): one line whenever the totals change
+    while any(p.poll() is None for p in procs):
+        tot, eta = snapshot()
+        line = (
+            f"{study.study_name}: done {tot['done']} running {tot['running']} "
+            f"failed {tot['failed']} left {tot['left']} ETA {eta}"
+        )
+        if line != last_line:
+            print(line, flush=True)
+            last_line = line
+        time.sleep(2)
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "sweep",
+        help="run a sweep file with Optuna (resumable)",
+        description="Create or join the study named by the sweep file and run "
+        "its trials in worker processes. Run the same command again to resume.",
+    )
+    p.add_argument("file", help="sweep file (W&B sweep schema), e.g. sweeps/quickstart.yaml")
+    p.add_argument("--study", help="study name (default: the file's name)")
+    p.add_argument("--storage", help="Optuna storage URL (default runs/<study>/optuna.journal)")
+    p.add_argument("--workers", type=int, default=1, help="CPU worker processes")
+    p.add_argument(
+        "--devices", default=None, help="auto or a GPU list (0,1,...): one worker per GPU"
+    )
+    p.add_argument(
+        "--devices-per-trial",
+        type=int,
+        default=1,
+        metavar="K",
+        help="GPUs (or CPU processes) per trial, trained with Lightning DDP",
+    )
+    p.add_argument(
+        "--trials-per-device",
+        type=int,
+        default=1,
+        metavar="N",
+        help="workers sharing each GPU (or GPU group), each with its share of the CPU threads",
+    )
+    p.add_argument("--max-trials", type=int, default=None, help="start at most this many")
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their cost")
+    p.add_argument(
+        "--wandb",
+        choices=wandb_log.MODES,
+        default=None,
+        help="default: online with W&B credentials, else offline",
+    )
+    p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
+    p.set_defaults(func=launch)

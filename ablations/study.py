@@ -1,0 +1,199 @@
+"""A sweep's Optuna study: create or join it, rebuild its sampler, read its cells' states.
+
+The study is the single source of truth. Each grid cell is claimed under a lock (see
+storage.claim_lock and worker.claim) and enqueued as a trial with its parameters fixed, so
+racing workers never run a cell twice; Optuna's GridSampler alone cannot promise that (its docs
+say so) and it counts failed trials as visited, which would stop a dead worker's cell from
+being re-run. Random and bayes sweeps use Optuna's RandomSampler and TPESampler, which every
+worker rebuilds from the file, since Optuna does not store samplers.
+
+Imports neither torch nor Lightning: `ablate status` and `ablate export` read studies through
+this module alone.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from ablations import storage as ST
+from ablations import sweep_file as SF
+
+MAX_ATTEMPTS = 2  # a cell whose trial raised is tried this many times in all, then left
+
+DEFINITION_ATTR = "sweep.definition"
+
+DONE_STATES = ("complete", "pruned", "diverged")
+
+
+def sampler_for(sweep: SF.Sweep, worker: int = 0) -> optuna.samplers.BaseSampler:
+    # every worker rebuilds the sampler from the file; distinct seeds stop two workers of a
+    # random sweep from drawing the same sequence
+    seed = zlib.crc32(sweep.name.encode()) % 2**31 + worker
+    if sweep.method == "bayes":
+        return optuna.samplers.TPESampler(seed=seed)
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def pruner_for(sweep: SF.Sweep) -> optuna.pruners.BasePruner:
+    if sweep.hyperband is None:
+        return optuna.pruners.NopPruner()
+    hb = sweep.hyperband
+    return optuna.pruners.HyperbandPruner(
+        min_resource=hb["min_iter"],
+        max_resource=hb["max_iter"] or "auto",
+        reduction_factor=hb["eta"],
+    )
+
+
+def open_study(
+    sweep: SF.Sweep, url: str, study_name: str, *, create: bool, worker: int = 0
+) -> optuna.Study:
+    """Create or join; a name reused with a different definition is refused before writing."""
+    storage = ST.open_storage(url, create=create)
+    direction = "minimize" if sweep.goal == "minimize" else "maximize"
+    existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if study_name in existing:
+        old = existing[study_name].user_attrs.get(DEFINITION_ATTR)
+        if old is not None and json.loads(json.dumps(sweep.definition(), default=str)) != old:
+            changed = sorted(
+                k
+                for k in SF.DEFINING
+                if json.dumps(old.get(k), sort_keys=True, default=str)
+                != json.dumps(sweep.definition().get(k), sort_keys=True, default=str)
+            )
+            raise SF.SweepError(
+                f"study {study_name!r} in {ST.describe_url(url)} was made from a different "
+                f"sweep definition (differs in: {', '.join(changed)}); use another name "
+                "(--study NAME) or the original file"
+            )
+    elif not create:
+        raise SF.SweepError(f"no study {study_name!r} in {ST.describe_url(url)}")
+    study = optuna.create_study(
+        study_name=study_name,
+        storage=storage,
+        direction=direction,
+        sampler=sampler_for(sweep, worker),
+        pruner=pruner_for(sweep),
+        load_if_exists=True,
+    )
+    if study_name not in existing:
+        study.set_user_attr(
+            DEFINITION_ATTR, json.loads(json.dumps(sweep.definition(), default=str))
+        )
+        study.set_user_attr("sweep.name", sweep.name)
+        study.set_user_attr("sweep.description", sweep.description)
+        study.set_user_attr("sweep.swept", sweep.swept)
+    return study
+
+
+def trial_state(t: optuna.trial.FrozenTrial) -> str:
+    """complete, failed, pruned, diverged or running."""
+    if t.user_attrs.get("state") == "diverged":
+        return "diverged"
+    return {
+        TrialState.COMPLETE: "complete",
+        TrialState.PRUNED: "pruned",
+        TrialState.FAIL: "failed",
+        TrialState.RUNNING: "running",
+        TrialState.WAITING: "waiting",
+    }[t.state]
+
+
+def cell_states(sweep: SF.Sweep, trials: list) -> dict[str, dict[str, Any]]:
+    """Per grid cell: its state (done / running / failed / left) and its trials."""
+    valid, _ = sweep.cells()
+    cells = {SF.cell_id(c): {"cell": c, "trials": [], "state": "left"} for c in valid}
+    for t in trials:
+        cid = t.user_attrs.get("cell")
+        if cid in cells:
+            cells[cid]["trials"].append(t)
+    for entry in cells.values():
+        states = [trial_state(t) for t in entry["trials"]]
+        if any(s in DONE_STATES for s in states):
+            entry["state"] = next(s for s in states if s in DONE_STATES)
+        elif "running" in states:
+            entry["state"] = "running"
+        elif states.count("failed") >= MAX_ATTEMPTS:
+            entry["state"] = "failed"
+    return cells
+
+
+def totals(study: optuna.Study, sweep: SF.Sweep) -> dict[str, int]:
+    trials = study.get_trials(deepcopy=False)
+    states = [trial_state(t) for t in trials]
+    if sweep.method == "grid":
+        cells = cell_states(sweep, trials)
+        by = [e["state"] for e in cells.values()]
+        done = sum(s in DONE_STATES for s in by)
+        return {
+            "done": done,
+            "running": by.count("running"),
+            "failed": states.count("failed"),
+            "left": by.count("left") + by.count("failed"),
+            "cells": len(cells),
+        }
+    done = sum(s in DONE_STATES for s in states)
+    return {
+        "done": done,
+        "running": states.count("running"),
+        "failed": states.count("failed"),
+        "left": max(0, sweep.run_cap - done - states.count("running")),
+        "cells": sweep.run_cap,
+    }
+
+
+def stale_pending(study: optuna.Study) -> bool:
+    """RUNNING trials whose workers died: a run of the command must recover them."""
+    return any(
+        ST.is_stale(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+    )
+
+
+def find(name: str | None, url: str | None, runs_dir: Path) -> tuple[optuna.Study, SF.Sweep]:
+    """The study by name (or the only one) in a storage URL or under runs_dir, and its sweep."""
+    if url is None:
+        if name is None:
+            names = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))
+            if len(names) != 1:
+                raise SF.SweepError(
+                    "name the study: " + (", ".join(names) or f"no studies under {runs_dir}")
+                )
+            name = names[0]
+        url = ST.default_url(name, runs_dir)
+        if not Path(url).exists():
+            names = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))
+            raise SF.SweepError(
+                f"no study {name!r} under {runs_dir}; studies there: {', '.join(names) or 'none'}"
+            )
+    storage = ST.open_storage(url)
+    names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
+    if not names:
+        raise SF.SweepError(f"no studies in {ST.describe_url(url)}")
+    if name is None:
+        if len(names) != 1:
+            raise SF.SweepError(f"name the study: {', '.join(names)}")
+        name = names[0]
+    if name not in names:
+        raise SF.SweepError(
+            f"no study {name!r} in {ST.describe_url(url)}; studies there: {', '.join(names)}"
+        )
+    study = optuna.load_study(study_name=name, storage=storage)
+    return study, stored_sweep(study)
+
+
+def stored_sweep(study: optuna.Study) -> SF.Sweep:
+    """The sweep a study was made from, rebuilt from its stored definition."""
+    definition = {k: v for k, v in study.user_attrs[DEFINITION_ATTR].items() if v is not None}
+    return SF.parse(
+        {
+            "name": study.user_attrs.get("sweep.name", study.study_name),
+            **definition,
+            "run_cap": study.user_attrs.get("sweep.run_cap") or 1,
+        }
+    )

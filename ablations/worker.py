@@ -1,0 +1,279 @@
+"""A sweep worker process: claim a cell, train it, record the result, until none is left.
+
+Started by the launcher as `python -m ablations.worker FILE --study ... --storage ...`; one per
+CPU slot or GPU group. Everything a trial needs comes from the sweep file and the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+import optuna
+from lightning.pytorch.callbacks import Callback
+from optuna.trial import TrialState
+from optuna_integration import PyTorchLightningPruningCallback
+
+from ablations import settings as S
+from ablations import storage as ST
+from ablations import study as SD
+from ablations import sweep_file as SF
+from ablations import wandb_log
+
+
+class StatusFile(Callback):
+    """Writes this worker's live line (cell, epoch, val error) for the launcher to show."""
+
+    def __init__(self, path: Path | None, worker: int) -> None:
+        self.path, self.worker = path, worker
+        self.info: dict[str, Any] = {}
+
+    def write(self, **info: Any) -> None:
+        self.info.update(info, worker=self.worker, updated=time.time())
+        if self.path is None:
+            return
+        tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # a writer's own, never shared
+        tmp.write_text(json.dumps(self.info, default=str))
+        os.replace(tmp, self.path)
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        # under DDP every rank runs this callback; two writers renaming one temporary file
+        # failed a trial (FileNotFoundError), and rank 0's line is the trial's line anyway
+        if not trainer.is_global_zero:
+            return
+        val = trainer.callback_metrics.get("val/error")
+        self.write(
+            epoch=trainer.current_epoch + 1, val_error=None if val is None else round(float(val), 2)
+        )
+
+
+class Pruning(PyTorchLightningPruningCallback):
+    """Optuna's Lightning pruning callback, stopping the fit instead of raising, so the
+    trial keeps its curves, timings and parameters like any other."""
+
+    stop_state: str | None = None
+    stop_message: str | None = None
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        try:
+            super().on_validation_end(trainer, pl_module)
+        except optuna.TrialPruned as err:
+            self.stop_state, self.stop_message = "pruned", str(err)
+            trainer.should_stop = True
+
+
+def claim(
+    study: optuna.Study, sweep: SF.Sweep, url: str, limit: int | None
+) -> optuna.Trial | None | str:
+    """Under the lock: recover dead trials, then take the next cell. Returns a trial, None
+    (nothing left), or "wait" (nothing open, but trials still running elsewhere)."""
+    with ST.claim_lock(url, study.study_name):
+        ST.fail_stale(study)
+        trials = study.get_trials(deepcopy=False)
+        for t in trials:
+            if t.state == TrialState.WAITING:
+                # enqueued by a worker that died before asking; under the lock no other
+                # trial can be waiting, and leaving it would let a later ask run it twice
+                ST.fail_trial(study, t, "enqueued by a worker that died before running it")
+        trials = study.get_trials(deepcopy=False)
+        if limit is not None and len(trials) >= limit:
+            return None
+        if sweep.method == "grid":
+            cells = SD.cell_states(sweep, trials)
+            open_cells = [e for e in cells.values() if e["state"] == "left"]
+            if not open_cells:
+                running = any(e["state"] == "running" for e in cells.values())
+                return "wait" if running else None
+            cell = open_cells[0]["cell"]
+            study.enqueue_trial(cell, user_attrs={"cell": SF.cell_id(cell)}, skip_if_exists=False)
+            trial = study.ask()
+        else:
+            counted = [t for t in trials if SD.trial_state(t) != "failed"]
+            if len(counted) >= sweep.run_cap:
+                return "wait" if any(t.state == TrialState.RUNNING for t in trials) else None
+            trial = study.ask()
+        for key, value in ST.owner_stamp().items():
+            trial.set_user_attr(key, value)
+        return trial
+
+
+def suggest(trial: optuna.Trial, sweep: SF.Sweep) -> dict[str, Any]:
+    params = {}
+    for key in sweep.swept:
+        p = sweep.params[key]
+        if p.values is not None:
+            params[key] = trial.suggest_categorical(key, list(p.values))
+        elif p.distribution == "int_uniform":
+            params[key] = trial.suggest_int(key, int(p.low), int(p.high))
+        else:
+            params[key] = trial.suggest_float(
+                key, p.low, p.high, log=p.distribution == "log_uniform_values"
+            )
+    return params
+
+
+def run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    sweep: SF.Sweep,
+    *,
+    runs_dir: Path,
+    wandb_mode: str,
+    status: StatusFile,
+    devices: int = 1,
+) -> str:
+    """Train one trial and record it in the study; returns its state."""
+    from ablations import run
+
+    with ST.Heartbeat(ST.storage_of(study), ST.trial_id(trial)):
+        try:
+            params = suggest(trial, sweep)
+            settings = S.resolve({**sweep.base, **params})
+            dm, module, flat = run.prepare(settings)
+        except Exception as err:
+            trial.set_user_attr("error_message", f"{type(err).__name__}: {err}")
+            study.tell(trial, state=TrialState.FAIL)
+            return "failed"
+        trial.set_user_attr("settings", {k: v for k, v in flat.items()})
+        status.write(
+            trial=trial.number,
+            cell=flat["model.name"] + _cell_suffix(params),
+            epoch=0,
+            epochs=settings["train.epochs"],
+            val_error=None,
+            state="running",
+        )
+        run_dir = runs_dir / "trials" / f"{trial.number:04d}-{run.run_name(flat)}"
+        logger = wandb_log.trial_logger(
+            wandb_mode,
+            study=study.study_name,
+            trial=trial.number,
+            flat=flat,
+            swept=sweep.swept,
+            save_dir=run_dir,
+            project=sweep.project,
+            entity=sweep.entity,
+        )
+        callbacks: list = [status]
+        if sweep.hyperband is not None:
+            callbacks.append(Pruning(trial, monitor=sweep.metric))
+        state, result = "failed", {}
+        try:
+            result = run.train(
+                settings,
+                run_dir,
+                loggers=[logger] if logger else [],
+                callbacks=callbacks,
+                progress=False,
+                prepared=(dm, module, flat),
+                devices=devices,
+            )
+            state = result["state"]
+        except Exception as err:
+            result = {"error_message": f"{type(err).__name__}: {err}"}
+            traceback.print_exc()
+        summary = {k: _finite(v) for k, v in result.items() if k != "history"}
+        summary["wandb_run_id"] = wandb_log.finish(logger, {**summary, "state": state})
+        for key, value in summary.items():
+            if value is not None:
+                trial.set_user_attr(key, value)
+        trial.set_user_attr("state", state)
+        if state == "complete":
+            value = result.get(sweep.metric)
+            if value is None or not math.isfinite(value):
+                trial.set_user_attr("error_message", f"{sweep.metric} is not finite: {value}")
+                study.tell(trial, state=TrialState.FAIL)
+                return "failed"
+            study.tell(trial, value)
+        elif state == "pruned":
+            study.tell(trial, state=TrialState.PRUNED)
+        else:  # diverged is a result, kept as FAIL with state=diverged and not retried
+            study.tell(trial, state=TrialState.FAIL)
+        status.write(state=state)
+        return state
+
+
+def _finite(v: Any) -> Any:
+    return None if isinstance(v, float) and not math.isfinite(v) else v
+
+
+def _cell_suffix(params: dict[str, Any]) -> str:
+    shown = [f"{k.split('.')[-1]}={v}" for k, v in params.items() if k not in ("model.variant",)]
+    return (" " + " ".join(shown)) if shown else ""
+
+
+def main(argv: list[str] | None = None) -> int:
+    """A worker process: claim, train, record, until the study has nothing left."""
+    p = argparse.ArgumentParser(prog="python -m ablations.worker")
+    p.add_argument("file")
+    p.add_argument("--study", required=True)
+    p.add_argument("--storage", required=True)
+    p.add_argument("--runs-dir", required=True)
+    p.add_argument("--worker", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0)
+    p.add_argument("--wandb", default="offline", choices=wandb_log.MODES)
+    p.add_argument("--limit", type=int, default=None, help="stop once the study has this many")
+    p.add_argument("--status", default=None)
+    p.add_argument("--devices-per-trial", type=int, default=1)
+    args = p.parse_args(argv)
+    from ablations import run
+
+    run.set_threads(args.threads)
+    sweep = SF.load(args.file)
+    study = SD.open_study(sweep, args.storage, args.study, create=False, worker=args.worker)
+    status = StatusFile(Path(args.status) if args.status else None, args.worker)
+    status.write(
+        state="starting", devices=os.environ.get("CUDA_VISIBLE_DEVICES"), threads=args.threads
+    )
+    runs_dir = Path(args.runs_dir)
+    try:
+        while True:
+            trial = claim(study, sweep, args.storage, args.limit)
+            if trial is None:
+                break
+            if trial == "wait":
+                status.write(state="waiting")
+                time.sleep(2)
+                continue
+            run_trial(
+                study,
+                trial,
+                sweep,
+                runs_dir=runs_dir,
+                wandb_mode=args.wandb,
+                status=status,
+                devices=args.devices_per_trial,
+            )
+    except Exception as err:
+        if not is_storage_error(err):
+            raise
+        # the study is where results live: without it, stop; the same command resumes
+        status.write(state="storage lost")
+        print(
+            f"worker {args.worker}: storage {ST.describe_url(args.storage)} failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0]}; stopping. Run the same "
+            "command again when it is back: finished trials are kept, this one is re-run.",
+            file=sys.stderr,
+        )
+        return 3
+    status.write(state="done", cell=None)
+    return 0
+
+
+def is_storage_error(err: BaseException) -> bool:
+    import sqlalchemy.exc
+
+    return isinstance(err, sqlalchemy.exc.SQLAlchemyError | OSError) or (
+        err.__cause__ is not None and is_storage_error(err.__cause__)
+    )
+
+
+if __name__ == "__main__":
+    sys.exit(main())
