@@ -11,7 +11,7 @@ import subprocess
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import lightning as L
 import torch
@@ -132,9 +132,23 @@ def device_name(accelerator: str) -> str:
     return "cpu"
 
 
-def prepare(
-    settings: dict[str, Any], download: bool = True
-) -> tuple[AllConvDataModule, AllConvModule, dict[str, Any]]:
+class Prepared(NamedTuple):
+    """A run's data, module and flat settings (with `model.name`), checked and ready."""
+
+    dm: AllConvDataModule
+    module: AllConvModule
+    flat: dict[str, Any]
+
+
+class Stopper(Callback):
+    """A callback that may end a fit early with a state other than `complete` (e.g. the
+    sweep's pruner): it sets `stop_state` and `stop_message`, and the run reports them."""
+
+    stop_state: str | None = None
+    stop_message: str | None = None
+
+
+def prepare(settings: dict[str, Any], download: bool = True) -> Prepared:
     """Load the data and build the module; every check that can fail happens here."""
     # seeded here, before the weights are drawn, not only in train()
     L.seed_everything(settings["seed"], workers=False, verbose=False)
@@ -150,11 +164,85 @@ def prepare(
     spec = S.model_spec(settings, dm.in_channels, dm.in_size, dm.num_classes)
     train = {k: settings[f"train.{k}"] for k in TRAIN_KEYS}
     module = AllConvModule(model=asdict(spec), train=train)
-    return dm, module, S.flat_with_name(settings, spec)
+    return Prepared(dm, module, S.flat_with_name(settings, spec))
 
 
 def run_name(settings: dict[str, Any]) -> str:
     return re.sub(r"[^A-Za-z0-9_.-]+", "_", settings["model.name"])
+
+
+def new_run_dir(flat: dict[str, Any], root: Path = Path("runs") / "train") -> Path:
+    """`runs/train/<time>-<name>`, made atomically: runs started in the same second get
+    `-2`, `-3`, ... instead of sharing (and overwriting) one folder."""
+    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{run_name(flat)}"
+    root.mkdir(parents=True, exist_ok=True)
+    for n in range(1, 1000):
+        path = root / (stem if n == 1 else f"{stem}-{n}")
+        try:
+            path.mkdir()
+        except FileExistsError:
+            continue
+        return path
+    raise FileExistsError(f"no free run folder for {stem} under {root}")
+
+
+def make_trainer(
+    settings: dict[str, Any],
+    run_dir: Path,
+    recorder: EpochRecorder,
+    *,
+    has_val: bool,
+    loggers: list,
+    callbacks: list,
+    progress: bool,
+    devices: int | str,
+    strategy: str,
+) -> tuple[L.Trainer, str, bool]:
+    """The Trainer for a run; also returns its precision and whether it trains on CUDA."""
+    accelerator = settings["train.accelerator"]
+    use_cuda = accelerator in ("gpu", "auto") and torch.cuda.is_available()
+    precision = resolve_precision(settings["train.precision"], "cuda" if use_cuda else "cpu")
+    trainer = L.Trainer(
+        max_epochs=settings["train.epochs"],
+        accelerator="gpu" if use_cuda else "cpu",
+        devices=devices,
+        # ddp_spawn, not ddp: ddp re-runs the command line in every rank, and a sweep worker
+        # re-run would claim trials of its own. Spawned ranks get rank 0's pickled module, so
+        # all ranks train the same settings; only this process talks to Optuna and W&B.
+        strategy=strategy if devices == 1 or strategy != "auto" else "ddp_spawn",
+        precision=precision,
+        logger=[CSVLogger(run_dir, name="", version="lightning"), *loggers],
+        callbacks=[
+            recorder,
+            ModelCheckpoint(
+                dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
+            ),
+            *callbacks,
+        ],
+        default_root_dir=run_dir,
+        enable_progress_bar=progress,
+        enable_model_summary=False,
+        num_sanity_val_steps=0,
+        use_distributed_sampler=False,  # the device loader shards by rank itself
+        log_every_n_steps=50,
+        limit_val_batches=1.0 if has_val else 0,
+        benchmark=use_cuda,
+    )
+    return trainer, precision, use_cuda
+
+
+def outcome(
+    module: AllConvModule, recorder: EpochRecorder, callbacks: list
+) -> tuple[str, str | None]:
+    """How the fit ended: complete, diverged (the module or, under DDP, rank 0's record
+    says so) or what a Stopper set (e.g. pruned); with the reason."""
+    diverged = module.diverged or recorder.diverged
+    if diverged:
+        return "diverged", diverged
+    for cb in callbacks:
+        if isinstance(cb, Stopper) and cb.stop_state:
+            return cb.stop_state, cb.stop_message
+    return "complete", None
 
 
 def train(
@@ -166,70 +254,49 @@ def train(
     progress: bool = True,
     devices: int | str = 1,
     strategy: str = "auto",
-    prepared: tuple | None = None,
+    prepared: Prepared | None = None,
 ) -> dict[str, Any]:
-    """Fit, test and report. `settings` are resolved (see settings.resolve)."""
+    """Prepare, make the trainer, fit, test if it completed, and report one result record
+    (also written to `result.yaml`). `settings` are resolved (see settings.resolve)."""
     L.seed_everything(settings["seed"], workers=False, verbose=False)
     dm, module, flat = prepared or prepare(settings)
+    callbacks = list(callbacks or [])
     if run_dir is None:
-        stamp = time.strftime("%Y%m%d-%H%M%S")
-        run_dir = Path("runs") / "train" / f"{stamp}-{run_name(flat)}"
+        run_dir = new_run_dir(flat)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "settings.yaml").write_text(
         yaml.safe_dump({**flat, "data.files": dm.files}, sort_keys=False)
     )
-
-    accelerator = settings["train.accelerator"]
-    use_cuda = accelerator in ("gpu", "auto") and torch.cuda.is_available()
-    precision = resolve_precision(settings["train.precision"], "cuda" if use_cuda else "cpu")
     recorder = EpochRecorder(run_dir / "epochs.json")
-    trainer = L.Trainer(
-        max_epochs=settings["train.epochs"],
-        accelerator="gpu" if use_cuda else "cpu",
+    trainer, precision, use_cuda = make_trainer(
+        settings,
+        run_dir,
+        recorder,
+        has_val=bool(len(dm.splits["val"][1])),
+        loggers=list(loggers or []),
+        callbacks=callbacks,
+        progress=progress,
         devices=devices,
-        # ddp_spawn, not ddp: ddp re-runs the command line in every rank, and a sweep worker
-        # re-run would claim trials of its own. Spawned ranks get rank 0's pickled module, so
-        # all ranks train the same settings; only this process talks to Optuna and W&B.
-        strategy=strategy if devices == 1 or strategy != "auto" else "ddp_spawn",
-        precision=precision,
-        logger=[CSVLogger(run_dir, name="", version="lightning"), *(loggers or [])],
-        callbacks=[
-            recorder,
-            ModelCheckpoint(
-                dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
-            ),
-            *(callbacks or []),
-        ],
-        default_root_dir=run_dir,
-        enable_progress_bar=progress,
-        enable_model_summary=False,
-        num_sanity_val_steps=0,
-        use_distributed_sampler=False,  # the device loader shards by rank itself
-        log_every_n_steps=50,
-        limit_val_batches=1.0 if len(dm.splits["val"][1]) else 0,
-        benchmark=use_cuda,
+        strategy=strategy,
     )
+
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     fit_seconds = time.perf_counter() - t0
-
-    recorder.load()
-    diverged = module.diverged or recorder.diverged
+    recorder.load()  # rank 0's record, when DDP ran the fit in spawned processes
+    state, message = outcome(module, recorder, callbacks)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
-    state, message = ("diverged", diverged) if diverged else ("complete", None)
-    for cb in callbacks or []:  # e.g. a pruner that stopped the fit
-        if getattr(cb, "stop_state", None) and state == "complete":
-            state, message = cb.stop_state, cb.stop_message
-    tested = [{}]
+    tested = {}
     if state == "complete":
-        tested = trainer.test(module, datamodule=dm, verbose=False) or [{}]
+        tested = (trainer.test(module, datamodule=dm, verbose=False) or [{}])[0]
+
     val_curve = [(h["epoch"], h["val/error"]) for h in recorder.history if "val/error" in h]
     best = min(val_curve, key=lambda t: t[1]) if val_curve else (None, math.nan)
     result = {
         "state": state,
         "val/error": val_curve[-1][1] if val_curve else math.nan,
-        "test/error": float(tested[0].get("test/error", math.nan)),
-        "test/error_dropout": float(tested[0].get("test/error_dropout", math.nan)),
+        "test/error": float(tested.get("test/error", math.nan)),
+        "test/error_dropout": float(tested.get("test/error_dropout", math.nan)),
         "train/loss": metrics.get("train/loss", math.nan),
         "val/loss": metrics.get("val/loss", math.nan),
         "best_val/error": best[1],

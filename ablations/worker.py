@@ -21,11 +21,11 @@ from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
+from ablations import run, wandb_log
 from ablations import settings as S
 from ablations import storage as ST
 from ablations import study as SD
 from ablations import sweep_file as SF
-from ablations import wandb_log
 
 
 class StatusFile(Callback):
@@ -54,12 +54,9 @@ class StatusFile(Callback):
         )
 
 
-class Pruning(PyTorchLightningPruningCallback):
+class Pruning(PyTorchLightningPruningCallback, run.Stopper):
     """Optuna's Lightning pruning callback, stopping the fit instead of raising, so the
     trial keeps its curves, timings and parameters like any other."""
-
-    stop_state: str | None = None
-    stop_message: str | None = None
 
     def on_validation_end(self, trainer, pl_module) -> None:
         try:
@@ -130,13 +127,12 @@ def run_trial(
     devices: int = 1,
 ) -> str:
     """Train one trial and record it in the study; returns its state."""
-    from ablations import run
-
     with ST.Heartbeat(ST.storage_of(study), ST.trial_id(trial)):
         try:
             params = suggest(trial, sweep)
             settings = S.resolve({**sweep.base, **params})
-            dm, module, flat = run.prepare(settings)
+            prepared = run.prepare(settings)
+            flat = prepared.flat
         except Exception as err:
             trial.set_user_attr("error_message", f"{type(err).__name__}: {err}")
             study.tell(trial, state=TrialState.FAIL)
@@ -172,7 +168,7 @@ def run_trial(
                 loggers=[logger] if logger else [],
                 callbacks=callbacks,
                 progress=False,
-                prepared=(dm, module, flat),
+                prepared=prepared,
                 devices=devices,
             )
             state = result["state"]
@@ -223,8 +219,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", default=None)
     p.add_argument("--devices-per-trial", type=int, default=1)
     args = p.parse_args(argv)
-    from ablations import run
-
     run.set_threads(args.threads)
     sweep = SF.load(args.file)
     study = SD.open_study(sweep, args.storage, args.study, create=False, worker=args.worker)

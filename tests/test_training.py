@@ -88,3 +88,21 @@ def test_non_finite_loss_ends_the_run_as_diverged(tmp_path):
     assert result["state"] == "diverged"
     assert "non-finite" in result["error_message"]
     assert math.isnan(result["test/error"])
+
+
+def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
+    """Four `ablate train` runs started in one second once shared one folder (and one
+    crashed in CSVLogger); the folder is now made atomically, with -2, -3, ... after it."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    monkeypatch.setattr(run.time, "strftime", lambda fmt: "20261128-120000")
+    flat = {"model.name": "All-CNN-C"}
+    with ThreadPoolExecutor(4) as pool:
+        dirs = list(pool.map(lambda _: run.new_run_dir(flat, tmp_path), range(4)))
+    assert sorted(d.name for d in dirs) == [
+        "20261128-120000-All-CNN-C",
+        "20261128-120000-All-CNN-C-2",
+        "20261128-120000-All-CNN-C-3",
+        "20261128-120000-All-CNN-C-4",
+    ]
+    assert all(d.is_dir() and not any(d.iterdir()) for d in dirs)
