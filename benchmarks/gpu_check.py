@@ -11,6 +11,8 @@ On an NVIDIA GPU it measures, for All-CNN-C at width 1.0, channels-last:
   - host syncs per training step in the pipeline (torch.cuda sync debug mode);
   - evaluation images/s (no gradients, batch 1024) and the device loader's images/s;
   - the bare loop's images/s for each of the 12 Table 3 models;
+  - the summed images/s of 2 and 4 bare trainers in separate processes on the one GPU, against
+    one: what `ablate sweep --trials-per-device N` can gain;
 and projects the wall time of the 350-epoch protocol on CIFAR-10 (45000 training images,
 5000 validation images each epoch, 10000 test images once) and of sweeps/paper_table3.yaml on
 one GPU. Steps are sized for an H100-class card; anything left when --budget seconds are spent
@@ -20,9 +22,13 @@ no compile), so a test covers it; its figures then describe nothing.
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
 import time
 import warnings
-from dataclasses import replace
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
@@ -54,6 +60,7 @@ SIZES = {
         "width": 1.0,
         "epochs": 4,
         "eval_images": 7168,
+        "shared": (2, 4),
     },
     "cpu": {
         "batches": (16, 32),
@@ -64,6 +71,7 @@ SIZES = {
         "width": 0.125,
         "epochs": 3,
         "eval_images": 32,
+        "shared": (2,),
     },
 }
 
@@ -324,6 +332,18 @@ def run_check(args, root: Path) -> dict[str, Any]:
         models[name] = {"train": round(train_ips, 1), "eval": round(eval_ips, 1)}
     log("paper models images/s", models)
 
+    # several trainers on one device, as `ablate sweep --trials-per-device N` runs them
+    shared: dict[str, float] = {}
+    data_file = root / "shared-data.pt"
+    torch.save({"x": x.cpu(), "y": y.cpu(), "spec": asdict(spec)}, data_file)
+    for n in size["shared"]:
+        if not budget_left(f"{n} trainers on one device"):
+            continue
+        shared[f"{n} trainers"] = concurrent_images_per_second(
+            n, data_file, device, batch0, size["steps"][batch0], size["warmup"], auto
+        )
+        log(f"{n} trainers on one device, images/s in all", shared[f"{n} trainers"])
+
     # torch.compile: the costly part, last
     if compile_runs:
         for batch in size["batches"]:
@@ -339,6 +359,10 @@ def run_check(args, root: Path) -> dict[str, Any]:
         compile_seconds=compile_seconds,
         eval_images_per_second=evals,
         paper_models_images_per_second=models,
+        shared_device_images_per_second={
+            "1 trainer": bare.get(f"batch {batch0} {auto}"),
+            **shared,
+        },
     )
     figures["projection"] = project(piped, bare, evals, models, batch0, auto)
     figures["skipped"] = skipped
@@ -360,6 +384,48 @@ def run_check(args, root: Path) -> dict[str, Any]:
         f"{figures['elapsed_seconds']} s; wrote {path}"
     )
     return figures
+
+
+SHARED_WORKER = """
+import json, sys, time
+import torch
+from benchmarks import common as C
+from lightning_modules.family import ModelSpec
+
+path, device, batch, steps, warmup, precision, start_at = sys.argv[1:]
+data = torch.load(path)
+x, y = data["x"].to(device), data["y"].to(device)
+spec = ModelSpec(**data["spec"])
+C.bare_train(spec, x, y, batch_size=int(batch), steps=1, warmup=int(warmup), precision=precision)
+time.sleep(max(0.0, float(start_at) - time.time()))  # every trainer starts its timing together
+ips = C.bare_train(
+    spec, x, y, batch_size=int(batch), steps=int(steps), warmup=1, precision=precision
+)
+print(json.dumps({"images_per_second": ips}))
+"""
+
+
+def concurrent_images_per_second(
+    n: int, data_file: Path, device: str, batch: int, steps: int, warmup: int, precision: str
+) -> float:
+    """Training images/s of n bare trainers in separate processes on one device, summed: what
+    `--trials-per-device n` can gain over one trainer (the bare loop's figure)."""
+    start_at = time.time() + (40 if device == "cuda" else 25)  # imports and CUDA start-up
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", SHARED_WORKER, str(data_file), device, str(batch)]
+            + [str(steps * 4), str(warmup), precision, str(start_at)],
+            cwd=ROOT,
+            stdout=subprocess.PIPE,
+            text=True,
+            env={**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // n))},
+        )
+        for _ in range(n)
+    ]
+    rates = [
+        json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_second"] for p in procs
+    ]
+    return round(sum(rates), 1)
 
 
 def project(piped, bare, evals, models, batch, auto) -> dict[str, Any]:

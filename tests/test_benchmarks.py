@@ -28,6 +28,8 @@ def test_shortened_gpu_check_writes_every_figure(check):
     assert f["loader_images_per_second"] > 0
     assert set(f["eval_images_per_second"]) == {"no_grad batch 1024", "grad batch 128"}
     assert len(f["paper_models_images_per_second"]) == 12
+    shared = f["shared_device_images_per_second"]  # --trials-per-device's figure
+    assert set(shared) == {"1 trainer", "2 trainers"} and all(v > 0 for v in shared.values())
     proj = f["projection"]
     assert proj["protocol_hours"] > 0 and proj["paper_table3_cells"] == 144
     assert proj["paper_table3_hours_one_gpu"] > 0
