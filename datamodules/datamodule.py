@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import os
 from pathlib import Path
@@ -46,6 +47,15 @@ def stratified_take(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, 
     taken = np.sort(np.concatenate(taken)) if taken else np.array([], dtype=int)
     rest = np.setdiff1d(np.arange(len(labels)), taken)
     return taken, rest
+
+
+@functools.lru_cache(maxsize=1)
+def read_raw(dataset: str, root: Path, download: bool) -> RawData:
+    """The raw images of a data set, kept for the next run in this process: a sweep worker's
+    trials share their data set, and reading it again (Fashion-MNIST's gzip, 0.5 s) or
+    drawing it again (synthetic, 3 s) was most of a short trial's fixed cost. Callers index
+    or copy the arrays, never write to them."""
+    return DATASETS[dataset](root, download)
 
 
 def split_sizes(n_train: int, val_size: int | str, subset: int | None) -> tuple[int, int]:
@@ -103,7 +113,7 @@ class AllConvDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         dataset, name = self.data["dataset"], self.data["preprocess"]
-        raw: RawData = DATASETS[dataset](self.root, self.download)
+        raw = read_raw(dataset, self.root.resolve(), self.download)
         _, h, w, c = raw.train_x.shape
         if h != w:
             raise DataError(f"{dataset}: images are {h}x{w}; only square ones are supported")
@@ -140,7 +150,7 @@ class AllConvDataModule(L.LightningDataModule):
         self.splits = {
             "train": prepped(raw.train_x[train_idx], raw.train_y[train_idx]),
             "val": prepped(raw.train_x[val_idx], raw.train_y[val_idx]),
-            "test": prepped(raw.test_x, raw.test_y),
+            "test": prepped(raw.test_x.copy(), raw.test_y.copy()),  # never the cached arrays
         }
         self.in_channels, self.in_size = c, h
         self.num_classes = len(raw.class_names)

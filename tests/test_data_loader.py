@@ -167,3 +167,30 @@ def test_batches_stay_on_the_gpu():
         assert xb.is_cuda and yb.is_cuda
         ids += image_ids(xb).tolist()
     assert sorted(ids) == list(range(64))
+
+
+def test_a_worker_reads_its_data_set_once_and_runs_cannot_alter_it(tmp_path, monkeypatch):
+    """Trials in one process share the raw images (read_raw keeps the last data set);
+    each run's splits are its own copies."""
+    from datamodules import datamodule as D
+
+    calls = []
+    real = D.DATASETS["synthetic"]
+    monkeypatch.setitem(D.DATASETS, "synthetic", lambda *a: calls.append(a) or real(*a))
+    D.read_raw.cache_clear()
+    data = {"dataset": "synthetic", "dir": str(tmp_path), "preprocess": "standardize"}
+    data |= {"augment": "none", "val_size": 64, "subset": 128}
+    first = D.AllConvDataModule(data, seed=0, batch_size=32)
+    first.load()
+    first.splits["test"][0].add_(100.0)  # a run that writes to its tensors
+    first.splits["test"][1].zero_()
+    second = D.AllConvDataModule(data, seed=0, batch_size=32)
+    second.load()
+    assert len(calls) == 1
+    third = D.AllConvDataModule(data, seed=0, batch_size=32)
+    D.read_raw.cache_clear()
+    third.load()
+    for split in ("train", "val", "test"):
+        assert torch.equal(second.splits[split][0], third.splits[split][0])
+        assert torch.equal(second.splits[split][1], third.splits[split][1])
+    D.read_raw.cache_clear()
