@@ -41,7 +41,14 @@ RESULT_COLUMNS = (
     "wandb_run_id",
     "git_commit",
 )
-STATE_ORDER = {"complete": 0, "diverged": 1, "pruned": 2, "failed": 3, "running": 4}
+STATE_ORDER = {
+    "complete": 0,
+    "diverged": 1,
+    "pruned": 2,
+    "failed": 3,
+    "interrupted": 4,
+    "running": 5,
+}
 
 
 class ExportError(ValueError):
@@ -662,6 +669,11 @@ def forest(effects: pd.DataFrame, paths: list[Path]) -> None:
 
 
 def resolve_study(name: str | None, url: str | None, runs_dir: Path) -> tuple[optuna.Study, str]:
+    if name is not None:
+        try:
+            SF.check_study_name(name)
+        except SF.SweepError as err:
+            raise ExportError(str(err)) from None
     if url is None:
         journals = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))
         if name is None:

@@ -8,6 +8,7 @@ writes the study's exports and its closing `ablation-table` W&B run.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import signal
@@ -114,7 +115,7 @@ def worker_plan(
 
 def launch(args: argparse.Namespace) -> int:
     sweep = SF.load(args.file)
-    study_name = args.study or sweep.name
+    study_name = SF.check_study_name(args.study, "--study") if args.study else sweep.name
     runs_dir = Path(args.runs_dir) / study_name
     url = args.storage or ST.default_url(study_name, Path(args.runs_dir))
     gpus = _gpus(args.devices) if args.devices not in (None, "cpu") else []
@@ -141,7 +142,7 @@ def launch(args: argparse.Namespace) -> int:
             "this run has none (--devices auto or a GPU list); on CPUs use --workers N"
         )
     if args.dry_run:
-        dry_run(sweep, study_name, url)
+        dry_run(sweep, study_name, ST.describe_url(url))
         return 0
     _, invalid = sweep.cells() if sweep.method == "grid" else ([], [])
     study = SD.open_study(sweep, url, study_name, create=True)
@@ -149,12 +150,18 @@ def launch(args: argparse.Namespace) -> int:
     for cell, why in invalid:
         print(f"skipping invalid cell {SF.cell_id(cell)}: {why}", file=sys.stderr)
     wandb_mode = args.wandb or wandb_log.default_mode()
+    if args.retry_failed:
+        study.set_user_attr(SD.RETRY_ATTR, len(study.get_trials(deepcopy=False)))
     before = SD.totals(study, sweep)
     if before["left"] + before["running"] == 0 and not SD.stale_pending(study):
         print(
             f"{study_name}: nothing left to run ({before['done']}/{before['cells']} done, "
-            f"{before['failed']} failed trials); storage {url}"
+            f"{before['failed']} failed trials, {before['given_up']} given up); storage "
+            f"{ST.describe_url(url)}"
         )
+        if before["given_up"]:
+            _print_errors(study, sweep)
+            return 1
         return 0
     plan = worker_plan(groups, args.workers, args.trials_per_device, k, usable_cpus())
     limit = None
@@ -165,6 +172,7 @@ def launch(args: argparse.Namespace) -> int:
     procs = []
     for i, (devices, threads) in enumerate(plan):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+        env[ST.STORAGE_ENV] = url  # not in argv, where `ps` shows a database password to all
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices
         cmd = [
@@ -174,8 +182,6 @@ def launch(args: argparse.Namespace) -> int:
             args.file,
             "--study",
             study_name,
-            "--storage",
-            url,
             "--runs-dir",
             str(runs_dir),
             "--worker",
@@ -196,26 +202,99 @@ def launch(args: argparse.Namespace) -> int:
         with open(log_path, "a") as log_file:
             procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
     t0 = time.time()
+    previous = signal.signal(signal.SIGTERM, _terminated)
     try:
         _watch(study, sweep, procs, status_dir, t0)
     except KeyboardInterrupt:
-        for proc in procs:
-            proc.send_signal(signal.SIGINT)
-        for proc in procs:
-            proc.wait()
+        stop_workers(procs)
         print("interrupted: run the same command again to continue", file=sys.stderr)
         return 130
+    finally:
+        stop_workers(procs, quiet=True)  # whatever happened above, no worker outlives us
+        signal.signal(signal.SIGTERM, previous)
+    return _close(study, sweep, procs, before, t0, url, wandb_mode, runs_dir)
+
+
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM (a scheduler's, `kill`) stops the sweep as Ctrl-C does
+
+
+def stop_workers(procs: list[subprocess.Popen], *, quiet: bool = False, grace: float = 60) -> None:
+    """Forward SIGINT to live workers (their trials are marked interrupted, not failed) and
+    reap every one; a second Ctrl-C, or `grace` seconds, escalate to SIGTERM, then SIGKILL."""
+    alive = [p for p in procs if p.poll() is None]
+    if not alive:
+        return
+    for p in alive:
+        with contextlib.suppress(OSError):
+            p.send_signal(signal.SIGINT)
+    steps = [(signal.SIGTERM, grace), (signal.SIGKILL, 10)]
+    deadline = time.time() + grace
+    while True:
+        try:
+            while [p.poll() for p in alive].count(None) and time.time() < deadline:
+                time.sleep(0.2)
+        except KeyboardInterrupt:
+            if not quiet:
+                print("stopping the workers now", file=sys.stderr)
+        alive = [p for p in alive if p.poll() is None]
+        if not alive or not steps:
+            break
+        sig, wait = steps.pop(0)
+        for p in alive:
+            with contextlib.suppress(OSError):
+                p.send_signal(sig)
+        deadline = time.time() + wait
+    for p in procs:
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            p.wait(timeout=1)
+
+
+def _close(
+    study: optuna.Study,
+    sweep: SF.Sweep,
+    procs: list[subprocess.Popen],
+    before: dict[str, int],
+    t0: float,
+    url: str,
+    wandb_mode: str,
+    runs_dir: Path,
+) -> int:
+    """The closing lines, exports and exit code: 0 only when every cell (or trial) ran."""
     codes = [p.returncode for p in procs]
-    final = SD.totals(study, sweep)
+    name = study.study_name
+    try:
+        final = SD.totals(study, sweep)
+    except Exception as err:  # the storage is gone: the workers said so in their logs
+        print(f"{name}: storage {ST.describe_url(url)} failed: {err}", file=sys.stderr)
+        return 1
     print(
-        f"{study_name}: {final['done']}/{final['cells']} done, {final['failed']} failed "
-        f"trials, {final['left']} left, {time.time() - t0:.0f} s; storage {url}"
+        f"{name}: {final['done']}/{final['cells']} done, {final['failed']} failed "
+        f"trials, {final['left']} left, {final['given_up']} given up, "
+        f"{time.time() - t0:.0f} s; storage {ST.describe_url(url)}"
     )
+    problems = final["given_up"] > 0 or (final["done"] == 0 and final["failed"] > 0)
+    if problems:
+        _print_errors(study, sweep)
     if any(codes):
         print(f"worker exit codes {codes}; logs in {runs_dir / 'logs'}", file=sys.stderr)
     if final["done"] > before["done"]:
         _closing_table(study, sweep, wandb_mode, runs_dir)
-    return 0 if not any(codes) else 1
+    return 1 if any(codes) or problems else 0
+
+
+def _print_errors(study: optuna.Study, sweep: SF.Sweep) -> None:
+    errors = sorted(SD.errors(study).items(), key=lambda kv: -kv[1])
+    if sweep.method == "grid":
+        why = f"a cell is given up after {SD.MAX_ATTEMPTS} failed trials"
+    else:
+        why = f"the sweep stops after {SD.MAX_CONSECUTIVE_FAILURES} failed trials in a row"
+    print(f"failed trials ({why}):", file=sys.stderr)
+    for message, n in errors[:5]:
+        print(f"  {n} x {message}", file=sys.stderr)
+    if len(errors) > 5:
+        print(f"  ... and {len(errors) - 5} other errors (ablate status)", file=sys.stderr)
+    print("fix the cause, then run the same command with --retry-failed", file=sys.stderr)
 
 
 def _closing_table(study: optuna.Study, sweep: SF.Sweep, mode: str, runs_dir: Path) -> None:
@@ -264,16 +343,28 @@ def _render(study_name: str, tot: dict[str, int], lines: list[dict], eta: str):
     return table
 
 
+def live(procs: list[subprocess.Popen]) -> bool:
+    """Whether any worker still runs; polls (and so reaps) every one of them. A zombie left
+    unreaped keeps its /proc entry, and the stale-trial check then took its dead worker for
+    a live one: the survivors waited for its trial forever."""
+    return [p.poll() for p in procs].count(None) > 0
+
+
 def _watch(study: optuna.Study, sweep: SF.Sweep, procs: list, status_dir: Path, t0: float) -> None:
     from rich.console import Console
     from rich.live import Live
 
     console = Console()
-    start_done = SD.totals(study, sweep)["done"]
-    last_line = None
+    start_done: int | None = None
 
-    def snapshot():
-        tot = SD.totals(study, sweep)
+    def snapshot() -> tuple[dict[str, int] | None, str]:
+        nonlocal start_done
+        try:
+            tot = SD.totals(study, sweep)
+        except Exception:  # storage blip or loss: the workers report it; keep reaping them
+            return None, "?"
+        if start_done is None:
+            start_done = tot["done"]
         finished = tot["done"] - start_done
         elapsed = time.time() - t0
         eta = "?"
@@ -286,23 +377,27 @@ def _watch(study: optuna.Study, sweep: SF.Sweep, procs: list, status_dir: Path, 
         return tot, eta
 
     if console.is_terminal:
-        with Live(console=console, refresh_per_second=2) as live:
-            while any(p.poll() is None for p in procs):
+        with Live(console=console, refresh_per_second=2) as screen:
+            while True:
+                running = live(procs)
                 tot, eta = snapshot()
-                live.update(
-                    _render(study.study_name, tot, _worker_lines(status_dir, len(procs)), eta)
-                )
+                if tot is not None:
+                    lines = _worker_lines(status_dir, len(procs))
+                    screen.update(_render(study.study_name, tot, lines, eta))
+                if not running:
+                    return
                 time.sleep(1)
-            tot, eta = snapshot()
-            live.update(_render(study.study_name, tot, _worker_lines(status_dir, len(procs)), eta))
-        return
     # not a terminal (CI, a log file): one line whenever the totals change
-    while any(p.poll() is None for p in procs):
+    last_line = None
+    while live(procs):
         tot, eta = snapshot()
-        line = (
-            f"{study.study_name}: done {tot['done']} running {tot['running']} "
-            f"failed {tot['failed']} left {tot['left']} ETA {eta}"
-        )
+        if tot is None:
+            line = f"{study.study_name}: storage unreachable; waiting for the workers"
+        else:
+            line = (
+                f"{study.study_name}: done {tot['done']} running {tot['running']} "
+                f"failed {tot['failed']} left {tot['left']} ETA {eta}"
+            )
         if line != last_line:
             print(line, flush=True)
             last_line = line
@@ -338,6 +433,12 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help="workers sharing each GPU (or GPU group), each with its share of the CPU threads",
     )
     p.add_argument("--max-trials", type=int, default=None, help="start at most this many")
+    p.add_argument(
+        "--retry-failed",
+        action="store_true",
+        help=f"run again the cells given up after {SD.MAX_ATTEMPTS} failed trials (and a "
+        "random/bayes sweep stopped by failures), once their cause is fixed",
+    )
     p.add_argument("--dry-run", action="store_true", help="list the cells and their cost")
     p.add_argument(
         "--wandb",

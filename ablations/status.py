@@ -9,6 +9,7 @@ import argparse
 from pathlib import Path
 from typing import Any
 
+from ablations import storage as ST
 from ablations import study as SD
 
 
@@ -21,21 +22,24 @@ def cmd_status(args: argparse.Namespace) -> int:
     console = Console(width=160)
     console.print(
         f"{study.study_name}: {tot['done']} done, {tot['running']} running, "
-        f"{tot['failed']} failed trials, {tot['left']} left "
+        f"{tot['failed']} failed trials, {tot['left']} left, {tot['given_up']} given up "
         f"(of {tot['cells']} {'cells' if sweep.method == 'grid' else 'trials'})"
     )
+    for message, n in sorted(SD.errors(study).items(), key=lambda kv: -kv[1])[:5]:
+        console.print(f"  failed: {n} x {message}", markup=False, highlight=False)
     table = Table()
     trials = study.get_trials(deepcopy=False)
     if sweep.method == "grid":
         for col in (*sweep.swept, "state", "trials", "val/error", "test/error"):
             table.add_column(col)
-        for entry in SD.cell_states(sweep, trials).values():
+        for entry in SD.cell_states(sweep, trials, SD.retry_from(study)).values():
             done = [t for t in entry["trials"] if SD.trial_state(t) in SD.DONE_STATES]
             last = done[0] if done else (entry["trials"][-1] if entry["trials"] else None)
             ua = last.user_attrs if last else {}
+            running = [t for t in entry["trials"] if SD.trial_state(t) == "running"]
             table.add_row(
                 *(str(entry["cell"][k]) for k in sweep.swept),
-                entry["state"],
+                _state(entry["state"], running[-1] if running else None),
                 ",".join(str(t.number) for t in entry["trials"]),
                 _fmt(ua.get("val/error")),
                 _fmt(ua.get("test/error")),
@@ -46,13 +50,22 @@ def cmd_status(args: argparse.Namespace) -> int:
         for t in trials:
             table.add_row(
                 str(t.number),
-                SD.trial_state(t),
+                _state(SD.trial_state(t), t),
                 *(str(t.params.get(k, "")) for k in sweep.swept),
                 _fmt(t.user_attrs.get("val/error")),
                 _fmt(t.user_attrs.get("test/error")),
             )
     console.print(table)
     return 0
+
+
+def _state(state: str, trial: Any) -> str:
+    """A running trial whose worker is gone says so (the next `ablate sweep` re-runs it)."""
+    if state == "running" and trial is not None:
+        why = ST.is_stale(trial)
+        if why:
+            return f"running, worker gone ({why})"
+    return state
 
 
 def _fmt(v: Any) -> str:

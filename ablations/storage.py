@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import json
 import os
+import re
 import socket
 import threading
 import time
@@ -30,6 +32,11 @@ GRACE_S = float(os.environ.get("ALLCONV_GRACE_S", 60))
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+# how the launcher hands a worker its storage URL: the environment, not argv, where `ps`
+# would show a database password to every user of the machine
+STORAGE_ENV = "ALLCONV_STORAGE_URL"
+
+
 def default_url(study: str, root: Path = Path("runs")) -> str:
     return str(root / study / "optuna.journal")
 
@@ -39,11 +46,11 @@ def is_rdb(url: str) -> bool:
 
 
 def describe_url(url: str) -> str:
-    """The URL without its password, for messages."""
+    """The URL without its password (user:PASSWORD@ or ?password=...), for messages."""
     parts = urlsplit(url)
     if parts.password:
-        return url.replace(f":{parts.password}@", ":***@")
-    return url
+        url = url.replace(f":{parts.password}@", ":***@")
+    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
 
 
 def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStorage:
@@ -69,8 +76,24 @@ def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStora
     path = Path(url.removeprefix("journal://").removeprefix("journal:"))
     if not create and not path.exists():
         raise SweepError(f"storage {path} does not exist (no sweep has written there)")
+    if path.is_dir():
+        raise SweepError(f"storage {path} is a directory, not an Optuna journal file")
+    if path.exists() and path.stat().st_size and not _looks_like_journal(path):
+        raise SweepError(
+            f"storage {path} is not an Optuna journal (its first line is not one of Optuna's "
+            "JSON records); name a new file or an existing study's journal"
+        )
     path.parent.mkdir(parents=True, exist_ok=True)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def _looks_like_journal(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            first = f.readline(65536)
+        return isinstance(json.loads(first), dict) and "op_code" in json.loads(first)
+    except (OSError, ValueError):
+        return False
 
 
 def check_postgres(url: str) -> None:
@@ -148,12 +171,16 @@ def _engine(url: str):
 
 
 def _start_time(pid: int) -> str | None:
-    """The process's start time in clock ticks since boot: pid plus this is unique."""
+    """The process's start time in clock ticks since boot (pid plus this is unique); None
+    when it is gone, or a zombie (dead, not yet reaped by its parent)."""
     try:
         with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[1].split()[19]
-    except (OSError, IndexError):
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
         return None
+    if len(fields) < 20 or fields[0] in ("Z", "X"):
+        return None
+    return fields[19]
 
 
 def hostname() -> str:
@@ -206,11 +233,20 @@ def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     return trial._trial_id
 
 
-def fail_trial(study: optuna.Study, trial: FrozenTrial, message: str | None = None) -> bool:
-    """Mark a trial FAIL (with a message); False if it finished in the meantime."""
+def fail_trial(
+    study: optuna.Study,
+    trial: FrozenTrial | optuna.Trial,
+    message: str | None = None,
+    *,
+    interrupted: bool = False,
+) -> bool:
+    """Mark a trial FAIL (with a message; `interrupted` when a signal or a dead worker ended
+    it, so that it is not held against its cell); False if it finished in the meantime."""
     storage = storage_of(study)
     if message is not None:
         storage.set_trial_user_attr(trial_id(trial), "error_message", message)
+    if interrupted:
+        storage.set_trial_user_attr(trial_id(trial), "interrupted", True)
     try:
         storage.set_trial_state_values(trial_id(trial), TrialState.FAIL)
     except RuntimeError:
@@ -220,15 +256,13 @@ def fail_trial(study: optuna.Study, trial: FrozenTrial, message: str | None = No
 
 def fail_stale(study: optuna.Study) -> list[int]:
     """Fail every RUNNING trial whose worker is dead; returns their numbers."""
+    # Our own check for every storage, not optuna.storages.fail_stale_trials: the same
+    # heartbeat (stamped by Heartbeat below), and the trial is marked interrupted, which
+    # Optuna's plain FAIL cannot say; a dead machine's trial is not a failed attempt.
     failed = []
-    storage = storage_of(study)
-    if isinstance(storage, RDBStorage) or isinstance(
-        getattr(storage, "_backend", None), RDBStorage
-    ):
-        optuna.storages.fail_stale_trials(study)  # the RDB heartbeat: marks them FAIL
     for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
         why = is_stale(t)
-        if why is not None and fail_trial(study, t, f"worker died: {why}"):
+        if why is not None and fail_trial(study, t, f"worker died: {why}", interrupted=True):
             failed.append(t.number)
     return failed
 

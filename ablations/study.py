@@ -92,10 +92,19 @@ def open_study(
     return study
 
 
+MAX_CONSECUTIVE_FAILURES = 5  # a random/bayes sweep stops after this many failed trials in a row
+INTERRUPTED_ATTR = "interrupted"  # set on a trial ended by a signal or a dead worker
+
+
 def trial_state(t: optuna.trial.FrozenTrial) -> str:
-    """complete, failed, pruned, diverged or running."""
+    """complete, failed, interrupted, pruned, diverged, running or waiting.
+
+    `interrupted`: stopped by a signal or by its worker's death, so it says nothing about the
+    cell; it is run again and never counts as one of the cell's failed attempts."""
     if t.user_attrs.get("state") == "diverged":
         return "diverged"
+    if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR):
+        return "interrupted"
     return {
         TrialState.COMPLETE: "complete",
         TrialState.PRUNED: "pruned",
@@ -105,8 +114,17 @@ def trial_state(t: optuna.trial.FrozenTrial) -> str:
     }[t.state]
 
 
-def cell_states(sweep: SF.Sweep, trials: list) -> dict[str, dict[str, Any]]:
-    """Per grid cell: its state (done / running / failed / left) and its trials."""
+RETRY_ATTR = "sweep.retry_from"  # trials numbered below it no longer count as attempts
+
+
+def retry_from(study: optuna.Study) -> int:
+    """Set by `ablate sweep --retry-failed`: failures before it are forgiven."""
+    return int(study.user_attrs.get(RETRY_ATTR, 0))
+
+
+def cell_states(sweep: SF.Sweep, trials: list, since: int = 0) -> dict[str, dict[str, Any]]:
+    """Per grid cell: its state (done / running / failed / left) and its trials; a cell is
+    given up (failed) after MAX_ATTEMPTS failed trials, interrupted ones not counted."""
     valid, _ = sweep.cells()
     cells = {SF.cell_id(c): {"cell": c, "trials": [], "state": "left"} for c in valid}
     for t in trials:
@@ -115,37 +133,68 @@ def cell_states(sweep: SF.Sweep, trials: list) -> dict[str, dict[str, Any]]:
             cells[cid]["trials"].append(t)
     for entry in cells.values():
         states = [trial_state(t) for t in entry["trials"]]
+        attempts = [trial_state(t) for t in entry["trials"] if t.number >= since]
         if any(s in DONE_STATES for s in states):
             entry["state"] = next(s for s in states if s in DONE_STATES)
         elif "running" in states:
             entry["state"] = "running"
-        elif states.count("failed") >= MAX_ATTEMPTS:
+        elif attempts.count("failed") >= MAX_ATTEMPTS:
             entry["state"] = "failed"
     return cells
 
 
 def totals(study: optuna.Study, sweep: SF.Sweep) -> dict[str, int]:
+    """done, running, failed (trials), left (cells or trials still to run), given_up (grid
+    cells left after MAX_ATTEMPTS failures, or a random/bayes sweep's remainder once it
+    stopped on consecutive failures) and cells."""
     trials = study.get_trials(deepcopy=False)
     states = [trial_state(t) for t in trials]
+    since = retry_from(study)
     if sweep.method == "grid":
-        cells = cell_states(sweep, trials)
+        cells = cell_states(sweep, trials, since)
         by = [e["state"] for e in cells.values()]
-        done = sum(s in DONE_STATES for s in by)
         return {
-            "done": done,
+            "done": sum(s in DONE_STATES for s in by),
             "running": by.count("running"),
             "failed": states.count("failed"),
-            "left": by.count("left") + by.count("failed"),
+            "left": by.count("left"),
+            "given_up": by.count("failed"),
             "cells": len(cells),
         }
     done = sum(s in DONE_STATES for s in states)
+    remaining = max(0, sweep.run_cap - done - states.count("running"))
+    stopped = failure_streak(trials, since) is not None
     return {
         "done": done,
         "running": states.count("running"),
         "failed": states.count("failed"),
-        "left": max(0, sweep.run_cap - done - states.count("running")),
+        "left": 0 if stopped else remaining,
+        "given_up": remaining if stopped else 0,
         "cells": sweep.run_cap,
     }
+
+
+def failure_streak(trials: list, since: int = 0) -> str | None:
+    """The error of the last MAX_CONSECUTIVE_FAILURES finished trials when every one of them
+    failed (interrupted ones skipped), else None: a random or bayes sweep stops there rather
+    than fail forever (a missing data set once made 5,681 failed trials in a minute)."""
+    ordered = sorted((t for t in trials if t.number >= since), key=lambda t: t.number)
+    finished = [t for t in ordered if trial_state(t) != "running"]
+    finished = [t for t in finished if trial_state(t) not in ("interrupted", "waiting")]
+    last = finished[-MAX_CONSECUTIVE_FAILURES:]
+    if len(last) < MAX_CONSECUTIVE_FAILURES or any(trial_state(t) != "failed" for t in last):
+        return None
+    return last[-1].user_attrs.get("error_message") or "no error message recorded"
+
+
+def errors(study: optuna.Study) -> dict[str, int]:
+    """Each distinct error message of the study's failed trials, with its count."""
+    out: dict[str, int] = {}
+    for t in study.get_trials(deepcopy=False):
+        if trial_state(t) == "failed":
+            msg = t.user_attrs.get("error_message") or "no error message recorded"
+            out[msg] = out.get(msg, 0) + 1
+    return out
 
 
 def stale_pending(study: optuna.Study) -> bool:
@@ -157,6 +206,8 @@ def stale_pending(study: optuna.Study) -> bool:
 
 def find(name: str | None, url: str | None, runs_dir: Path) -> tuple[optuna.Study, SF.Sweep]:
     """The study by name (or the only one) in a storage URL or under runs_dir, and its sweep."""
+    if name is not None:
+        SF.check_study_name(name)
     if url is None:
         if name is None:
             names = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -116,6 +117,19 @@ class Sweep:
 
     def epochs(self, cell: dict[str, Any]) -> int:
         return int({**S.defaults(), **self.base, **cell}["train.epochs"])
+
+
+STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
+
+
+def check_study_name(name: str, where: str = "study name") -> str:
+    """A study name is a folder under runs/: one plain path component, no `..`, no `/`."""
+    if not isinstance(name, str) or not STUDY_NAME.fullmatch(name) or ".." in name:
+        raise SweepError(
+            f"{where} {name!r} is not a valid study name: use letters, digits, '_', '-' and "
+            "'.' (not '..'), starting with a letter or digit; it names a folder under runs/"
+        )
+    return name
 
 
 def cell_id(cell: dict[str, Any]) -> str:
@@ -232,8 +246,10 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
         if key not in raw:
             raise _err(f"{source}: missing required key {key!r}")
     name = raw["name"]
-    if not isinstance(name, str) or not name or "/" in name:
-        raise _err(f"name: {name!r} must be a non-empty string without '/'")
+    try:
+        check_study_name(name, "name:")
+    except SweepError as err:
+        raise _err(str(err)) from None
     method = raw["method"]
     if method not in METHODS:
         raise _err(f"method={method!r} is not one of the valid values: {', '.join(METHODS)}")

@@ -7,12 +7,15 @@ CPU slot or GPU group. Everything a trial needs comes from the sweep file and th
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
+import signal
 import sys
 import time
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -78,12 +81,14 @@ def claim(
             if t.state == TrialState.WAITING:
                 # enqueued by a worker that died before asking; under the lock no other
                 # trial can be waiting, and leaving it would let a later ask run it twice
-                ST.fail_trial(study, t, "enqueued by a worker that died before running it")
+                ST.fail_trial(
+                    study, t, "enqueued by a worker that died before running it", interrupted=True
+                )
         trials = study.get_trials(deepcopy=False)
         if limit is not None and len(trials) >= limit:
             return None
         if sweep.method == "grid":
-            cells = SD.cell_states(sweep, trials)
+            cells = SD.cell_states(sweep, trials, SD.retry_from(study))
             open_cells = [e for e in cells.values() if e["state"] == "left"]
             if not open_cells:
                 running = any(e["state"] == "running" for e in cells.values())
@@ -92,7 +97,9 @@ def claim(
             study.enqueue_trial(cell, user_attrs={"cell": SF.cell_id(cell)}, skip_if_exists=False)
             trial = study.ask()
         else:
-            counted = [t for t in trials if SD.trial_state(t) != "failed"]
+            if SD.failure_streak(trials, SD.retry_from(study)) is not None:
+                return None  # the launcher says why
+            counted = [t for t in trials if SD.trial_state(t) in (*SD.DONE_STATES, "running")]
             if len(counted) >= sweep.run_cap:
                 return "wait" if any(t.state == TrialState.RUNNING for t in trials) else None
             trial = study.ask()
@@ -126,74 +133,131 @@ def run_trial(
     status: StatusFile,
     devices: int = 1,
 ) -> str:
-    """Train one trial and record it in the study; returns its state."""
+    """Train one trial and record it in the study; returns its state.
+
+    A signal (Ctrl-C, SIGTERM; Lightning turns one during a fit into SystemExit) marks the
+    trial interrupted, which is not held against its cell, and stops the worker. Once the
+    fit has returned, signals wait until the result is recorded: a finished run is never lost.
+    """
     with ST.Heartbeat(ST.storage_of(study), ST.trial_id(trial)):
         try:
-            params = suggest(trial, sweep)
-            settings = S.resolve({**sweep.base, **params})
-            prepared = run.prepare(settings)
-            flat = prepared.flat
-        except Exception as err:
-            trial.set_user_attr("error_message", f"{type(err).__name__}: {err}")
-            study.tell(trial, state=TrialState.FAIL)
-            return "failed"
-        trial.set_user_attr("settings", {k: v for k, v in flat.items()})
-        status.write(
-            trial=trial.number,
-            cell=flat["model.name"] + _cell_suffix(params),
-            epoch=0,
-            epochs=settings["train.epochs"],
-            val_error=None,
-            state="running",
-        )
-        run_dir = runs_dir / "trials" / f"{trial.number:04d}-{run.run_name(flat)}"
-        logger = wandb_log.trial_logger(
-            wandb_mode,
-            study=study.study_name,
-            trial=trial.number,
-            flat=flat,
-            swept=sweep.swept,
-            save_dir=run_dir,
-            project=sweep.project,
-            entity=sweep.entity,
-        )
-        callbacks: list = [status]
-        if sweep.hyperband is not None:
-            callbacks.append(Pruning(trial, monitor=sweep.metric))
-        state, result = "failed", {}
-        try:
-            result = run.train(
-                settings,
-                run_dir,
-                loggers=[logger] if logger else [],
-                callbacks=callbacks,
-                progress=False,
-                prepared=prepared,
+            return _run_trial(
+                study,
+                trial,
+                sweep,
+                runs_dir=runs_dir,
+                wandb_mode=wandb_mode,
+                status=status,
                 devices=devices,
             )
-            state = result["state"]
-        except Exception as err:
-            result = {"error_message": f"{type(err).__name__}: {err}"}
-            traceback.print_exc()
-        summary = {k: _finite(v) for k, v in result.items() if k != "history"}
-        summary["wandb_run_id"] = wandb_log.finish(logger, {**summary, "state": state})
-        for key, value in summary.items():
-            if value is not None:
-                trial.set_user_attr(key, value)
-        trial.set_user_attr("state", state)
-        if state == "complete":
-            value = result.get(sweep.metric)
-            if value is None or not math.isfinite(value):
-                trial.set_user_attr("error_message", f"{sweep.metric} is not finite: {value}")
-                study.tell(trial, state=TrialState.FAIL)
-                return "failed"
-            study.tell(trial, value)
-        elif state == "pruned":
-            study.tell(trial, state=TrialState.PRUNED)
-        else:  # diverged is a result, kept as FAIL with state=diverged and not retried
+        except (KeyboardInterrupt, SystemExit):
+            with contextlib.suppress(Exception):
+                ST.fail_trial(study, trial, "interrupted by a signal", interrupted=True)
+                status.write(state="interrupted")
+            raise
+
+
+def _run_trial(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    sweep: SF.Sweep,
+    *,
+    runs_dir: Path,
+    wandb_mode: str,
+    status: StatusFile,
+    devices: int,
+) -> str:
+    try:
+        params = suggest(trial, sweep)
+        settings = S.resolve({**sweep.base, **params})
+        prepared = run.prepare(settings)
+        flat = prepared.flat
+    except Exception as err:
+        trial.set_user_attr("error_message", f"{type(err).__name__}: {err}")
+        study.tell(trial, state=TrialState.FAIL)
+        return "failed"
+    trial.set_user_attr("settings", {k: v for k, v in flat.items()})
+    status.write(
+        trial=trial.number,
+        cell=flat["model.name"] + _cell_suffix(params),
+        epoch=0,
+        epochs=settings["train.epochs"],
+        val_error=None,
+        state="running",
+    )
+    run_dir = runs_dir / "trials" / f"{trial.number:04d}-{run.run_name(flat)}"
+    logger = wandb_log.trial_logger(
+        wandb_mode,
+        study=study.study_name,
+        trial=trial.number,
+        flat=flat,
+        swept=sweep.swept,
+        save_dir=run_dir,
+        project=sweep.project,
+        entity=sweep.entity,
+    )
+    callbacks: list = [status]
+    if sweep.hyperband is not None:
+        callbacks.append(Pruning(trial, monitor=sweep.metric))
+    state, result = "failed", {}
+    try:
+        result = run.train(
+            settings,
+            run_dir,
+            loggers=[logger] if logger else [],
+            callbacks=callbacks,
+            progress=False,
+            prepared=prepared,
+            devices=devices,
+        )
+        state = result["state"]
+    except Exception as err:
+        result = {"error_message": f"{type(err).__name__}: {err}"}
+        traceback.print_exc()
+    with signals_held():
+        return _record(study, trial, sweep, result, state, logger, status)
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """SIGINT and SIGTERM wait (are delivered on exit) while the block runs."""
+    held = {signal.SIGINT, signal.SIGTERM}
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _record(
+    study: optuna.Study,
+    trial: optuna.Trial,
+    sweep: SF.Sweep,
+    result: dict[str, Any],
+    state: str,
+    logger: Any,
+    status: StatusFile,
+) -> str:
+    """The run's result into the trial, and the trial told to the study."""
+    summary = {k: _finite(v) for k, v in result.items() if k != "history"}
+    summary["wandb_run_id"] = wandb_log.finish(logger, {**summary, "state": state})
+    for key, value in summary.items():
+        if value is not None:
+            trial.set_user_attr(key, value)
+    trial.set_user_attr("state", state)
+    if state == "complete":
+        value = result.get(sweep.metric)
+        if value is None or not math.isfinite(value):
+            trial.set_user_attr("error_message", f"{sweep.metric} is not finite: {value}")
             study.tell(trial, state=TrialState.FAIL)
-        status.write(state=state)
-        return state
+            return "failed"
+        study.tell(trial, value)
+    elif state == "pruned":
+        study.tell(trial, state=TrialState.PRUNED)
+    else:  # diverged is a result, kept as FAIL with state=diverged and not retried
+        study.tell(trial, state=TrialState.FAIL)
+    status.write(state=state)
+    return state
 
 
 def _finite(v: Any) -> Any:
@@ -205,12 +269,18 @@ def _cell_suffix(params: dict[str, Any]) -> str:
     return (" " + " ".join(shown)) if shown else ""
 
 
+def _terminated(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM ends a trial as Ctrl-C does: interrupted, not failed
+
+
 def main(argv: list[str] | None = None) -> int:
     """A worker process: claim, train, record, until the study has nothing left."""
     p = argparse.ArgumentParser(prog="python -m ablations.worker")
     p.add_argument("file")
     p.add_argument("--study", required=True)
-    p.add_argument("--storage", required=True)
+    # the launcher passes the URL in the environment, not argv, where `ps` would show its
+    # password to every user of the machine
+    p.add_argument("--storage", default=os.environ.get(ST.STORAGE_ENV))
     p.add_argument("--runs-dir", required=True)
     p.add_argument("--worker", type=int, default=0)
     p.add_argument("--threads", type=int, default=0)
@@ -219,6 +289,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", default=None)
     p.add_argument("--devices-per-trial", type=int, default=1)
     args = p.parse_args(argv)
+    if not args.storage:
+        p.error(f"give --storage or set {ST.STORAGE_ENV}")
+    signal.signal(signal.SIGTERM, _terminated)
     run.set_threads(args.threads)
     sweep = SF.load(args.file)
     study = SD.open_study(sweep, args.storage, args.study, create=False, worker=args.worker)
@@ -245,6 +318,11 @@ def main(argv: list[str] | None = None) -> int:
                 status=status,
                 devices=args.devices_per_trial,
             )
+    except (KeyboardInterrupt, SystemExit):
+        print(
+            f"worker {args.worker}: interrupted; the trial is run again next time", file=sys.stderr
+        )
+        return 130
     except Exception as err:
         if not is_storage_error(err):
             raise

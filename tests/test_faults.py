@@ -1,0 +1,241 @@
+"""Faults and bad input around a sweep: signals, dead workers, failing trials, study names,
+storage that is not ours, passwords. Each ends in one clear line, and nothing is lost."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+
+from ablations import launcher
+from ablations import storage as ST
+from ablations import study as SD
+from ablations.cli import main
+from tests.conftest import tree
+from tests.test_sweeps import FAST, load, sweep_cli, write_sweep
+
+SLOW_CELLS = {
+    **FAST,
+    "data.subset": {"value": 2000},
+    "train.epochs": {"value": 6},
+    "model.variant": {"values": ["base", "all-cnn"]},
+}
+# fails at run time, after the sweep file parsed: the synthetic set has 8000 images
+FAILING = {**FAST, "data.subset": {"value": 100_000}}
+
+
+def running_trials(timeout=120):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        time.sleep(0.5)
+        if not Path("runs/t/optuna.journal").exists():
+            continue
+        try:
+            running = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
+        except KeyError:
+            continue
+        stamped = [t for t in running if "worker.pid" in t.user_attrs]
+        if stamped:
+            return stamped
+    raise AssertionError("no trial started")
+
+
+def alive(pid: int) -> bool:
+    return ST._start_time(pid) is not None
+
+
+def test_sigterm_stops_the_workers_and_their_trials_are_interrupted_not_failed(tmp_path, in_tmp):
+    """SIGTERM to `ablate sweep`: no worker outlives it, the trials it stopped are marked
+    interrupted; after two such stops on the same cells the same command still runs them
+    (an interrupt is not a failed attempt) and finishes every cell once."""
+    file = write_sweep(tmp_path / "s.yaml", parameters=SLOW_CELLS)
+    cmd = sweep_cli(file, workers=2)
+    for _ in range(2):
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        pids = [t.user_attrs["worker.pid"] for t in running_trials()]
+        time.sleep(1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err
+        assert "interrupted: run the same command again to continue" in err
+        assert "Traceback" not in err
+        assert not any(alive(pid) for pid in pids)
+    states = [SD.trial_state(t) for t in load().get_trials()]
+    assert "failed" not in states and states.count("interrupted") >= 2
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    trials = load().get_trials()
+    done = [t.user_attrs["cell"] for t in trials if SD.trial_state(t) == "complete"]
+    assert sorted(done) == sorted(set(done)) and len(done) == 2
+    assert "0 given up" in out.stdout
+
+
+def test_a_killed_worker_does_not_hang_the_one_that_lives(tmp_path, in_tmp):
+    """SIGKILL of worker 1 while worker 0 trains: the launcher reaps it (an unreaped zombie
+    looked alive to the stale-trial check, and worker 0 waited for its cell forever), worker
+    0 runs the dead worker's cell again, and the sweep ends."""
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={**SLOW_CELLS, "train.epochs": {"value": 2}, "seed": {"values": [0, 1]}},
+    )
+    env = {**os.environ, "ALLCONV_GRACE_S": "5", "ALLCONV_HEARTBEAT_S": "1"}
+    proc = subprocess.Popen(
+        sweep_cli(file, workers=2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    deadline = time.time() + 180
+    victim = None
+    while victim is None and time.time() < deadline:
+        for t in running_trials():
+            if t.user_attrs.get("worker.pid") and proc.poll() is None:
+                workers = sorted(
+                    {
+                        x.user_attrs["worker.pid"]
+                        for x in load().get_trials()
+                        if "worker.pid" in x.user_attrs
+                    }
+                )
+                if len(workers) == 2:
+                    victim = workers[1]
+                    break
+    assert victim is not None, "both workers never ran at once"
+    os.kill(victim, signal.SIGKILL)
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 1, err  # a worker died: said, not hidden
+    assert "worker exit codes" in err
+    trials = load().get_trials()
+    done = {t.user_attrs["cell"] for t in trials if SD.trial_state(t) == "complete"}
+    assert len(done) == 4
+    killed = [t for t in trials if SD.trial_state(t) == "interrupted"]
+    assert killed and all("worker died" in t.user_attrs["error_message"] for t in killed)
+
+
+def test_a_grid_whose_trials_all_fail_exits_1_with_the_reason_and_can_be_retried(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml", parameters=FAILING)
+    out = subprocess.run(sweep_cli(file, workers=1), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "0/2 done, 4 failed trials, 0 left, 2 given up" in out.stdout
+    assert "a cell is given up after 2 failed trials" in out.stderr
+    assert "4 x DataError: data.subset=100000" in out.stderr
+    assert "--retry-failed" in out.stderr
+    again = subprocess.run(sweep_cli(file, workers=1), capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and "nothing left to run" in again.stdout
+    assert len(load().get_trials()) == 4
+    retry = subprocess.run(
+        [*sweep_cli(file, workers=1), "--retry-failed"], capture_output=True, text=True, timeout=300
+    )
+    assert retry.returncode == 1 and len(load().get_trials()) == 8  # each cell tried twice more
+
+
+def test_a_random_sweep_whose_trials_all_fail_stops(tmp_path, in_tmp):
+    """Failed trials do not count toward run_cap; without a bound a random sweep with a
+    missing data set made thousands of failed trials a minute. It stops after 5 in a row."""
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        method="random",
+        run_cap=100,
+        parameters={
+            **FAILING,
+            "model.variant": {"value": "all-cnn"},
+            "train.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
+        },
+    )
+    out = subprocess.run(sweep_cli(file, workers=1), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 1
+    assert "the sweep stops after 5 failed trials in a row" in out.stderr
+    assert "DataError: data.subset=100000" in out.stderr
+    assert len(load().get_trials()) == 5
+
+
+def test_status_names_a_dead_workers_trial(tmp_path, in_tmp, capsys):
+    file = write_sweep(tmp_path / "s.yaml")
+    assert main(["sweep", str(file), "--dry-run"]) == 0
+    sweep = launcher.SF.load(file)
+    study = SD.open_study(sweep, ST.default_url("t"), "t", create=True)
+    trial = study.ask()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    trial.set_user_attr("cell", launcher.SF.cell_id(sweep.cells()[0][0]))
+    for key, value in {**ST.owner_stamp(), "worker.pid": dead.pid}.items():
+        trial.set_user_attr(key, value)
+    capsys.readouterr()
+    assert main(["status", "t"]) == 0
+    assert f"running, worker gone (worker pid {dead.pid}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["sweep", "FILE", "--study", "../escape"], "--study '../escape' is not a valid study"),
+        (["sweep", "FILE", "--study", "/tmp/x"], "--study '/tmp/x' is not a valid study"),
+        (["status", "../escape"], "study name '../escape' is not a valid study"),
+        (["export", ".."], "study name '..' is not a valid study"),
+    ],
+)
+def test_study_names_cannot_leave_runs(tmp_path, in_tmp, capsys, argv, message):
+    file = write_sweep(tmp_path / "s.yaml")
+    before = tree(tmp_path)
+    argv = [str(file) if a == "FILE" else a for a in argv]
+    assert main(argv) == 2
+    assert message in capsys.readouterr().err
+    assert tree(tmp_path) == before
+
+
+def test_a_sweep_file_named_dotdot_is_refused(tmp_path, in_tmp, capsys):
+    file = write_sweep(tmp_path / "s.yaml", name="..")
+    assert main(["sweep", str(file)]) == 2
+    assert "name: '..' is not a valid study name" in capsys.readouterr().err
+    assert tree(in_tmp) == ["s.yaml"]
+
+
+def test_storage_that_is_not_a_journal_is_left_alone(tmp_path, in_tmp, capsys):
+    notes = in_tmp / "notes.txt"
+    notes.write_text("my notes\n")
+    file = write_sweep(tmp_path / "s.yaml")
+    assert main(["sweep", str(file), "--storage", str(notes), "--wandb", "disabled"]) == 2
+    assert "is not an Optuna journal" in capsys.readouterr().err
+    assert notes.read_text() == "my notes\n"
+    (in_tmp / "adir").mkdir()
+    assert main(["sweep", str(file), "--storage", "adir", "--wandb", "disabled"]) == 2
+    assert "adir is a directory, not an Optuna journal file" in capsys.readouterr().err
+
+
+def test_passwords_are_masked_in_messages():
+    assert ST.describe_url("postgresql://u:SECRET@h:5432/db") == "postgresql://u:***@h:5432/db"
+    masked = ST.describe_url("postgresql://h/db?user=u&password=SECRET&sslmode=require")
+    assert "SECRET" not in masked and masked.endswith("password=***&sslmode=require")
+
+
+def test_workers_get_the_storage_url_from_the_environment_not_argv(tmp_path, in_tmp, monkeypatch):
+    """`ps` shows every process's argv to every user: a database password must not be there."""
+    seen = []
+
+    class FakeProc:
+        returncode = 0
+
+        def __init__(self, cmd, env, **kw):
+            seen.append((cmd, env))
+
+        def poll(self):
+            return 0
+
+        def wait(self, timeout=None):
+            return 0
+
+    monkeypatch.setattr(launcher.subprocess, "Popen", FakeProc)
+    file = write_sweep(tmp_path / "s.yaml")
+    url = str(in_tmp / "runs" / "t" / "optuna.journal")
+    main(["sweep", str(file), "--storage", url, "--workers", "2", "--wandb", "disabled"])
+    assert len(seen) == 2
+    for cmd, env in seen:
+        assert url not in " ".join(cmd)
+        assert env[ST.STORAGE_ENV] == url
