@@ -9,6 +9,7 @@ import json
 import os
 import re
 import socket
+import sys
 import threading
 import time
 import zlib
@@ -84,7 +85,57 @@ def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStora
             "JSON records); name a new file or an existing study's journal"
         )
     path.parent.mkdir(parents=True, exist_ok=True)
+    if path.exists():
+        try:
+            repair_journal(path)
+        except OSError as err:  # read-only, say: Optuna still reads up to a torn last line
+            print(f"storage {path}: could not repair it: {err}", file=sys.stderr)
     return JournalStorage(JournalFileBackend(str(path)))
+
+
+def repair_journal(path: Path) -> list[bytes]:
+    """Set aside the lines of a journal Optuna cannot read, keeping every other record.
+
+    A worker killed, or a disk filled, in the middle of an append leaves a torn last line;
+    the next append is glued to it, and from then on Optuna cannot read the study at all
+    (JSONDecodeError), completed trials included. Under Optuna's own journal lock, every
+    line that is not a whole JSON record is moved, byte for byte, to `<journal>.torn` and the
+    journal rewritten without it (a temporary file, then an atomic rename). Returns them."""
+    from optuna.storages.journal import JournalFileSymlinkLock
+    from optuna.storages.journal._file import get_lock_file  # Optuna's lock, not a copy
+
+    data = path.read_bytes()
+    if not data or (data.endswith(b"\n") and _all_records(data)):
+        return []
+    with get_lock_file(JournalFileSymlinkLock(str(path))):
+        data = path.read_bytes()  # again, under the lock
+        good, bad = [], []
+        for line in data.splitlines(keepends=True):
+            (good if line.endswith(b"\n") and _is_record(line) else bad).append(line)
+        if not bad:
+            return []
+        with open(path.with_name(path.name + ".torn"), "ab") as torn:
+            torn.write(b"".join(x if x.endswith(b"\n") else x + b"\n" for x in bad))
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_bytes(b"".join(good))
+        os.replace(tmp, path)
+    print(
+        f"storage {path}: set aside {len(bad)} unreadable line(s) (a write cut short) in "
+        f"{path.name}.torn; every complete record is kept",
+        file=sys.stderr,
+    )
+    return bad
+
+
+def _is_record(line: bytes) -> bool:
+    try:
+        return isinstance(json.loads(line), dict)
+    except ValueError:
+        return False
+
+
+def _all_records(data: bytes) -> bool:
+    return all(_is_record(line) for line in data.splitlines() if line.strip())
 
 
 def _looks_like_journal(path: Path) -> bool:

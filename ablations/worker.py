@@ -43,8 +43,12 @@ class StatusFile(Callback):
         if self.path is None:
             return
         tmp = self.path.with_suffix(f".{os.getpid()}.tmp")  # a writer's own, never shared
-        tmp.write_text(json.dumps(self.info, default=str))
-        os.replace(tmp, self.path)
+        try:
+            tmp.write_text(json.dumps(self.info, default=str))
+            os.replace(tmp, self.path)
+        except OSError:  # the display's line only (a full disk, say): never a trial's failure
+            with contextlib.suppress(OSError):
+                tmp.unlink(missing_ok=True)
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # under DDP every rank runs this callback; two writers renaming one temporary file

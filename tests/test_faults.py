@@ -239,3 +239,36 @@ def test_workers_get_the_storage_url_from_the_environment_not_argv(tmp_path, in_
     for cmd, env in seen:
         assert url not in " ".join(cmd)
         assert env[ST.STORAGE_ENV] == url
+
+
+@pytest.mark.parametrize("damage", ["torn last line", "garbage line", "torn then appended"])
+def test_a_damaged_journal_is_repaired_and_keeps_every_complete_trial(tmp_path, in_tmp, damage):
+    from tests.test_export import make_study
+
+    make_study(in_tmp)
+    journal = in_tmp / "runs/paper/optuna.journal"
+    before = {
+        t.number: t.user_attrs.get("val/error")
+        for t in SD.find("paper", None, Path("runs"))[0].trials
+    }
+    torn = b'{"op_code": 5, "worker_id": "w", "trial_id": 3, "us'
+    with open(journal, "ab") as f:
+        if damage == "torn last line":
+            f.write(torn)
+        elif damage == "garbage line":
+            f.write(b"garbage\n")
+        else:  # the next writer's record glued to the torn bytes, then a good record
+            lines = journal.read_bytes().splitlines(keepends=True)
+            same = next(x for x in lines if b'"sweep.name"' in x)  # replaying it changes nothing
+            f.write(torn + same + same)
+    assert main(["status", "paper"]) == 0
+    study, _ = SD.find("paper", None, Path("runs"))
+    study.set_user_attr("after", 1)  # a write after the repair
+    again, _ = SD.find("paper", None, Path("runs"))
+    assert {t.number: t.user_attrs.get("val/error") for t in again.trials} == before
+    assert again.user_attrs["after"] == 1
+    assert (
+        (in_tmp / "runs/paper/optuna.journal.torn")
+        .read_bytes()
+        .startswith(torn if damage != "garbage line" else b"garbage")
+    )
