@@ -115,6 +115,8 @@ def worker_plan(
 
 def launch(args: argparse.Namespace) -> int:
     sweep = SF.load(args.file)
+    for note in sweep.notes:
+        print(f"{args.file}: {note}", file=sys.stderr)
     study_name = SF.check_study_name(args.study, "--study") if args.study else sweep.name
     runs_dir = Path(args.runs_dir) / study_name
     url = args.storage or ST.default_url(study_name, Path(args.runs_dir))
@@ -410,6 +412,8 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help="run a sweep file with Optuna (resumable)",
         description="Create or join the study named by the sweep file and run "
         "its trials in worker processes. Run the same command again to resume.",
+        epilog=wandb_log.PRECEDENCE + ". Offline runs upload later with one command: wandb sync "
+        "runs/<study>/trials/*/wandb/offline-run-* runs/<study>/wandb/offline-run-*",
     )
     p.add_argument("file", help="sweep file (W&B sweep schema), e.g. sweeps/quickstart.yaml")
     p.add_argument("--study", help="study name (default: the file's name)")
@@ -444,7 +448,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "--wandb",
         choices=wandb_log.MODES,
         default=None,
-        help="default: online with W&B credentials, else offline",
+        help="W&B mode (default: WANDB_MODE, else online with W&B credentials, else offline)",
     )
     p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
     p.set_defaults(func=launch)

@@ -11,6 +11,7 @@ from typing import Any
 
 from ablations import storage as ST
 from ablations import study as SD
+from ablations import sweep_file as SF
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -72,9 +73,38 @@ def _fmt(v: Any) -> str:
     return "" if v is None else f"{v:.2f}"
 
 
+def cmd_dashboard(args: argparse.Namespace) -> int:
+    """optuna-dashboard on the study's storage, on this machine only (127.0.0.1)."""
+    study, _ = SD.find(args.study, args.storage, Path(args.runs_dir))
+    if not 0 < args.port < 65536:
+        raise SF.SweepError(f"--port {args.port}: give a port between 1 and 65535")
+    from optuna_dashboard import run_server
+
+    url = f"http://127.0.0.1:{args.port}/dashboard/studies/{ST.study_id(study)}"
+    print(f"optuna-dashboard for {study.study_name}: {url} (Ctrl-C stops it)", flush=True)
+    try:
+        run_server(ST.storage_of(study), host="127.0.0.1", port=args.port)
+    except OSError as err:  # the port is taken, say
+        raise SF.SweepError(f"--port {args.port}: {err.strerror or err}") from None
+    except KeyboardInterrupt:
+        pass
+    return 0
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="a study's totals and its cells by state")
     p.add_argument("study", nargs="?")
     p.add_argument("--storage")
     p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_status)
+
+    p = sub.add_parser(
+        "dashboard",
+        help="optuna-dashboard on a study (learning curves, parameter importances)",
+        description="Serve optuna-dashboard for the study on http://127.0.0.1:PORT.",
+    )
+    p.add_argument("study", nargs="?")
+    p.add_argument("--storage")
+    p.add_argument("--port", type=int, default=8080)
+    p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_dashboard)

@@ -273,7 +273,7 @@ def is_stale(trial: FrozenTrial, now: float | None = None) -> str | None:
 # id, and both are needed: to fail a trial that no worker will finish (a dead worker's RUNNING
 # trial, a WAITING one left by a worker that died between enqueue and ask) and to stamp a
 # heartbeat on the journal backend, which has none of its own. Optuna's integrations use the
-# same two attributes; if a release renames them, only these three functions change.
+# same attributes; if a release renames them, only these functions change.
 
 
 def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
@@ -282,6 +282,10 @@ def storage_of(study: optuna.Study) -> optuna.storages.BaseStorage:
 
 def trial_id(trial: optuna.Trial | FrozenTrial) -> int:
     return trial._trial_id
+
+
+def study_id(study: optuna.Study) -> int:
+    return study._study_id  # optuna-dashboard's URLs name studies by it
 
 
 def fail_trial(

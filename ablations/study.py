@@ -82,6 +82,8 @@ def open_study(
         pruner=pruner_for(sweep),
         load_if_exists=True,
     )
+    if study.metric_names is None:  # optuna-dashboard labels the objective with it
+        study.set_metric_names([sweep.metric])
     if study_name not in existing:
         study.set_user_attr(
             DEFINITION_ATTR, json.loads(json.dumps(sweep.definition(), default=str))

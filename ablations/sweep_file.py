@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,7 +27,17 @@ TOP_KEYS = (
     "project",
     "entity",
     "selection",
+    *("program", "command", "controller"),
 )
+# Keys only W&B's agent reads (which script to start and how): accepted, ignored with a note,
+# since here the worker runs the trial itself.
+AGENT_ONLY = {
+    "program": "the script W&B's agent starts; here each worker trains the trial itself",
+    "command": "the agent's command line; here each worker trains the trial itself",
+    "controller": "where W&B's sweep controller runs; here the study is the controller",
+    "early_terminate.s": "hyperband brackets are Optuna's HyperbandPruner's own choice",
+    "early_terminate.strict": "Optuna's HyperbandPruner has no strict mode",
+}
 # `selection` is ours, not W&B's: the cells a final sweep retrains, as written by
 # `ablate export --final-sweep` (ablations/export.py), and how they were chosen.
 SELECTION_KEYS = ("study", "by", "over", "cells")
@@ -37,9 +48,31 @@ METHODS = {
 }
 GOALS = ("minimize", "maximize")
 METRICS = ("val/error", "val/loss", "train/loss", "test/error")
-PARAM_KEYS = ("value", "values", "distribution", "min", "max")
-DISTRIBUTIONS = ("uniform", "int_uniform", "log_uniform_values", "categorical", "constant")
-EARLY_TERMINATE_KEYS = ("type", "min_iter", "max_iter", "eta")
+PARAM_KEYS = ("value", "values", "distribution", "min", "max", "q", "mu", "sigma", "probabilities")
+# W&B's distributions that map onto Optuna's: name -> (log scale, min/max given as exponents)
+RANGES = {
+    "uniform": (False, False),
+    "int_uniform": (False, False),
+    "q_uniform": (False, False),
+    "log_uniform_values": (True, False),
+    "q_log_uniform_values": (True, False),
+    # 1/X log-uniform between 1/max and 1/min is X log-uniform between min and max
+    "inv_log_uniform_values": (True, False),
+    "log_uniform": (True, True),  # X = exp(U(min, max))
+    "q_log_uniform": (True, True),
+    "inv_log_uniform": (True, True),  # X = exp(-U(min, max))
+}
+DISTRIBUTIONS = ("constant", "categorical", *RANGES)
+# W&B's distributions with no bounded range: refused, naming the nearest that works
+UNBOUNDED = {
+    "normal": "uniform with min: mu - 2*sigma and max: mu + 2*sigma",
+    "q_normal": "q_uniform with min: mu - 2*sigma, max: mu + 2*sigma and the same q",
+    "log_normal": "log_uniform_values with min: exp(mu - 2*sigma) and max: exp(mu + 2*sigma)",
+    "q_log_normal": "log_uniform_values with min: exp(mu - 2*sigma), max: exp(mu + 2*sigma)",
+    "beta": "uniform with min: 0 and max: 1",
+    "q_beta": "q_uniform with min: 0, max: 1 and the same q",
+}
+EARLY_TERMINATE_KEYS = ("type", "min_iter", "max_iter", "eta", "s", "strict")
 # Keys a definition is compared on when a study name is reused; the rest may change.
 DEFINING = ("method", "metric", "parameters", "early_terminate", "selection")
 
@@ -52,9 +85,11 @@ class SweepError(ValueError):
 class Param:
     key: str
     values: tuple | None = None  # `value` or `values`
-    distribution: str | None = None
-    low: float | None = None
+    distribution: str | None = None  # as the file names it
+    low: float | None = None  # the setting's own range, after any exp() of W&B's exponents
     high: float | None = None
+    step: float | None = None  # q_*: the values are multiples of it
+    log: bool = False
 
     @property
     def fixed(self) -> bool:
@@ -75,6 +110,7 @@ class Sweep:
     entity: str | None = None
     selection: dict[str, Any] | None = None
     raw: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # keys accepted and ignored, and why
 
     @property
     def base(self) -> dict[str, Any]:
@@ -150,6 +186,20 @@ def _check_keys(where: str, got: dict, valid: tuple[str, ...]) -> None:
             )
 
 
+def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
+    """W&B's nested `parameters:` blocks as dotted keys: `model: {parameters: {width: ...}}`
+    is `model.width`."""
+    if not isinstance(params, dict):
+        raise _err(f"parameters{'.' + prefix.rstrip('.') if prefix else ''}: expected a mapping")
+    out: dict[str, Any] = {}
+    for key, spec in params.items():
+        if isinstance(spec, dict) and set(spec) == {"parameters"}:
+            out.update(flatten(spec["parameters"], f"{prefix}{key}."))
+        else:
+            out[f"{prefix}{key}"] = spec
+    return out
+
+
 def _param(key: str, spec: Any) -> Param:
     where = f"parameters.{key}"
     if not isinstance(spec, dict):
@@ -165,22 +215,40 @@ def _param(key: str, spec: Any) -> Param:
         except S.SettingsError as err:
             raise _err(f"{where}: {err}") from None
 
-    if "value" in spec:
-        if len(spec) > 1:
-            raise _err(f"{where}: 'value' cannot be combined with {sorted(set(spec) - {'value'})}")
-        return Param(key, (coerce(spec["value"]),))
     dist = spec.get("distribution")
+    if dist in UNBOUNDED:
+        raise _err(
+            f"{where}.distribution={dist} has no bounded range, which a sweep over a model "
+            f"setting needs; the nearest that works: {UNBOUNDED[dist]}"
+        )
+    if dist is not None and dist not in DISTRIBUTIONS:
+        raise _err(
+            f"{where}.distribution={dist!r} is not one of the valid values: "
+            f"{', '.join(DISTRIBUTIONS)}"
+        )
+    if "value" in spec:
+        extra = sorted(set(spec) - {"value", "distribution"})
+        if extra or dist not in (None, "constant"):
+            raise _err(f"{where}: 'value' cannot be combined with {extra or dist}")
+        return Param(key, (coerce(spec["value"]),))
+    if dist == "constant":
+        raise _err(f"{where}: distribution constant needs 'value'")
     if "values" in spec:
         values = spec["values"]
         if not isinstance(values, list):
             raise _err(f"{where}.values: expected a list, got {values!r}")
         if not values:
             raise _err(f"{where}.values is empty: give at least one value")
-        extra = sorted({"min", "max"} & set(spec))
+        extra = sorted({"min", "max", "q", "mu", "sigma"} & set(spec))
         if extra:
             raise _err(f"{where}: 'values' cannot be combined with {', '.join(extra)}")
         if dist not in (None, "categorical"):
             raise _err(f"{where}: 'values' goes with distribution categorical, not {dist!r}")
+        if "probabilities" in spec:
+            raise _err(
+                f"{where}.probabilities: Optuna draws categorical values with equal "
+                "probability; the nearest that works: the same values without probabilities"
+            )
         coerced = tuple(coerce(v) for v in values)
         if len(set(map(repr, coerced))) != len(coerced):
             raise _err(f"{where}.values has duplicates: {values}")
@@ -189,21 +257,49 @@ def _param(key: str, spec: Any) -> Param:
         raise _err(f"{where}: give 'value', 'values', or 'min' and 'max' with a distribution")
     if dist is None:
         dist = "int_uniform" if kind == "int" else "uniform"
-    if dist not in DISTRIBUTIONS[:3]:
-        raise _err(
-            f"{where}.distribution={dist!r} is not one of the valid values: "
-            f"{', '.join(DISTRIBUTIONS[:3])}"
-        )
+    if dist == "categorical":
+        raise _err(f"{where}: distribution categorical needs 'values'")
     if kind not in ("int", "float"):
         raise _err(f"{where}: a {dist} distribution needs a numeric setting; {key} is {kind}")
-    lo, hi = coerce(spec["min"]), coerce(spec["max"])
+    log, exponents = RANGES[dist]
+    if exponents:
+        if not all(isinstance(spec[k], int | float) for k in ("min", "max")):
+            raise _err(f"{where}: min and max of {dist} are numbers (exponents of e)")
+        ends = sorted(
+            math.exp(-x if dist.startswith("inv_") else x) for x in (spec["min"], spec["max"])
+        )
+        lo, hi = (
+            coerce(ends[0] if kind == "float" else round(ends[0])),
+            coerce(ends[1] if kind == "float" else round(ends[1])),
+        )
+    else:
+        lo, hi = coerce(spec["min"]), coerce(spec["max"])
     if dist == "int_uniform" and kind != "int":
         raise _err(f"{where}: int_uniform needs an integer setting; {key} is {kind}")
     if not lo < hi:
         raise _err(f"{where}: min ({lo}) must be below max ({hi})")
-    if dist == "log_uniform_values" and lo <= 0:
-        raise _err(f"{where}: log_uniform_values needs min > 0, got {lo}")
-    return Param(key, None, dist, lo, hi)
+    if log and lo <= 0:
+        raise _err(f"{where}: {dist} needs min > 0, got {lo}")
+    step = None
+    if dist.startswith("q_"):
+        q = spec.get("q", 1)
+        if not isinstance(q, int | float) or isinstance(q, bool) or q <= 0:
+            raise _err(f"{where}.q={q!r} must be a positive number")
+        if kind == "int" and q != int(q):
+            raise _err(f"{where}.q={q}: {key} is an integer setting, so q must be one too")
+        if log and (kind == "float" or q != 1):
+            # Optuna draws on a log scale or on a grid of steps, not both (q 1 on an integer)
+            raise _err(
+                f"{where}: {dist} with q={q} on a log scale is not one of Optuna's "
+                "distributions; the nearest that works: log_uniform_values, or q_uniform "
+                "on a linear scale"
+            )
+        step = int(q) if kind == "int" else float(q)
+        if (hi - lo) / step < 1:
+            raise _err(f"{where}: q={q} is wider than the range [{lo}, {hi}]")
+    elif "q" in spec:
+        raise _err(f"{where}: q goes with a q_* distribution, not {dist}")
+    return Param(key, None, dist, lo, hi, step, log)
 
 
 def _selection(raw: Any, params: dict[str, Param]) -> dict[str, Any] | None:
@@ -266,9 +362,9 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
         raise _err(
             f"metric.goal={metric.get('goal')!r} is not one of the valid values: {', '.join(GOALS)}"
         )
-    params_raw = raw["parameters"]
-    if not isinstance(params_raw, dict) or not params_raw:
+    if not isinstance(raw["parameters"], dict) or not raw["parameters"]:
         raise _err("parameters: expected a non-empty mapping of setting keys")
+    params_raw = flatten(raw["parameters"])
     for key in params_raw:
         if key not in S.SCHEMA:
             raise _err(
@@ -321,6 +417,12 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
     for key in ("project", "entity", "description"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise _err(f"{key}: expected a string, got {raw[key]!r}")
+    notes = [f"{k}: accepted and ignored ({AGENT_ONLY[k]})" for k in AGENT_ONLY if k in raw]
+    notes += [
+        f"early_terminate.{k}: accepted and ignored ({AGENT_ONLY['early_terminate.' + k]})"
+        for k in ("s", "strict")
+        if k in raw.get("early_terminate", {})
+    ]
     sweep = Sweep(
         name=name,
         method=method,
@@ -333,7 +435,8 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
         project=raw.get("project"),
         entity=raw.get("entity"),
         selection=selection,
-        raw=raw,
+        raw={**raw, "parameters": params_raw},
+        notes=notes,
     )
     if (
         params.get("data.val_size")

@@ -30,6 +30,25 @@ def default_mode() -> str:
     return "offline"
 
 
+DEFAULT_PROJECT = "allconv-ablations"
+PRECEDENCE = (
+    "W&B settings, first found wins: mode: --wandb, WANDB_MODE, online with W&B credentials "
+    "else offline; project and entity: the sweep file's project/entity, WANDB_PROJECT/"
+    f"WANDB_ENTITY, default project {DEFAULT_PROJECT}; run files: WANDB_DIR, else each trial's "
+    "folder (runs/<study>/trials/*/wandb)"
+)
+
+
+def target(project: str | None, entity: str | None, save_dir: Path) -> dict[str, Any]:
+    """Project, entity and directory of a run, with PRECEDENCE's order (W&B's own init
+    arguments beat its environment, so the environment is read here)."""
+    return {
+        "project": project or os.environ.get("WANDB_PROJECT") or DEFAULT_PROJECT,
+        "entity": entity or os.environ.get("WANDB_ENTITY") or None,
+        "save_dir": Path(os.environ["WANDB_DIR"]) if os.environ.get("WANDB_DIR") else save_dir,
+    }
+
+
 def run_name(flat: dict[str, Any], trial: int) -> str:
     return f"{flat['model.name']}-s{flat['seed']}-t{trial}"
 
@@ -40,7 +59,7 @@ def trial_logger(
     study: str,
     trial: int,
     flat: dict[str, Any],
-    swept: list[str],
+    tagged: list[str],
     save_dir: Path,
     project: str | None,
     entity: str | None,
@@ -49,19 +68,20 @@ def trial_logger(
     if mode == "disabled":
         return None
     config = {**{k: v for k, v in flat.items() if v is not None}, "study": study, "trial": trial}
-    tags = [f"{k}={flat[k]}"[:64] for k in swept if k in flat]
+    where = target(project, entity, save_dir)
+    tags = [f"{k}={flat[k]}"[:64] for k in tagged if k in flat]
     try:
         from ablations.wandb_logger import SafeWandbLogger  # Lightning, on first use
 
         logger = SafeWandbLogger(
-            project=project or "allconv-ablations",
-            entity=entity,
+            project=where["project"],
+            entity=where["entity"],
             group=study,
             job_type=flat["model.name"],
             name=run_name(flat, trial),
             tags=tags,
             config=config,
-            save_dir=str(save_dir),
+            save_dir=str(where["save_dir"]),
             mode=mode,
             log_model=False,
             reinit="create_new",
@@ -106,13 +126,14 @@ def log_table(
     try:
         import wandb
 
+        where = target(project, entity, save_dir)
         run = wandb.init(
-            project=project or "allconv-ablations",
-            entity=entity,
+            project=where["project"],
+            entity=where["entity"],
             group=study,
             job_type="ablation-table",
             name=f"{study}-ablation-table",
-            dir=str(save_dir),
+            dir=str(where["save_dir"]),
             mode=mode,
             reinit="create_new",
             config={"study": study},

@@ -118,12 +118,12 @@ def suggest(trial: optuna.Trial, sweep: SF.Sweep) -> dict[str, Any]:
         p = sweep.params[key]
         if p.values is not None:
             params[key] = trial.suggest_categorical(key, list(p.values))
-        elif p.distribution == "int_uniform":
-            params[key] = trial.suggest_int(key, int(p.low), int(p.high))
-        else:
-            params[key] = trial.suggest_float(
-                key, p.low, p.high, log=p.distribution == "log_uniform_values"
+        elif S.SCHEMA[key].type is int:
+            params[key] = trial.suggest_int(
+                key, int(p.low), int(p.high), step=p.step or 1, log=p.log
             )
+        else:
+            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
     return params
 
 
@@ -195,7 +195,8 @@ def _run_trial(
         study=study.study_name,
         trial=trial.number,
         flat=flat,
-        swept=sweep.swept,
+        # tags for categorical values only: a continuous one would make a tag per trial
+        tagged=[k for k in sweep.swept if sweep.params[k].values is not None],
         save_dir=run_dir,
         project=sweep.project,
         entity=sweep.entity,
@@ -249,6 +250,7 @@ def _record(
         if value is not None:
             trial.set_user_attr(key, value)
     trial.set_user_attr("state", state)
+    report_curve(trial, sweep, result.get("history") or [])
     if state == "complete":
         value = result.get(sweep.metric)
         if value is None or not math.isfinite(value):
@@ -262,6 +264,18 @@ def _record(
         study.tell(trial, state=TrialState.FAIL)
     status.write(state=state)
     return state
+
+
+def report_curve(trial: optuna.Trial, sweep: SF.Sweep, history: list[dict[str, Any]]) -> None:
+    """Each epoch's validation metric as Optuna intermediate values, for every method: the
+    dashboard's learning curves. Under hyperband the pruner has reported them already."""
+    if sweep.hyperband is not None:
+        return
+    key = sweep.metric if sweep.metric in ("val/error", "val/loss", "train/loss") else "val/error"
+    for row in history:
+        value = row.get(key)
+        if value is not None and math.isfinite(value):
+            trial.report(float(value), int(row["epoch"]))
 
 
 def _finite(v: Any) -> Any:

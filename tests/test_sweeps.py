@@ -382,7 +382,7 @@ def test_status_prints_totals_and_cells(tmp_path, in_tmp, capsys):
     run_worker(write_sweep(tmp_path / "s.yaml"))
     assert main(["status", "t"]) == 0
     out = capsys.readouterr().out
-    assert "t: 2 done, 0 running, 0 failed trials, 0 left (of 2 cells)" in out
+    assert "t: 2 done, 0 running, 0 failed trials, 0 left, 0 given up (of 2 cells)" in out
     assert "complete" in out
     assert main(["status", "nope"]) == 2
 

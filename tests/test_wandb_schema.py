@@ -1,0 +1,222 @@
+"""W&B sweep files as users bring them (tests/wandb_sweeps/, one per feature), W&B's
+conventions, and the Optuna dashboard."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import yaml
+
+from ablations import sweep_file as SF
+from ablations import wandb_log
+from ablations.cli import main
+from tests.test_sweeps import load, run_worker, write_sweep
+
+CORPUS = sorted((Path(__file__).parent / "wandb_sweeps").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("path", CORPUS, ids=[p.stem for p in CORPUS])
+def test_every_wandb_style_file_passes_dry_run(path, in_tmp, capsys):
+    assert main(["sweep", str(path), "--dry-run"]) == 0
+    err = capsys.readouterr().err
+    raw = yaml.safe_load(path.read_text())
+    for key in ("program", "command"):
+        assert (f"{key}: accepted and ignored" in err) == (key in raw)
+    strict = "strict" in raw.get("early_terminate", {})
+    assert ("early_terminate.strict: accepted and ignored" in err) == strict
+    assert not Path("runs").exists()  # a dry run writes nothing
+
+
+def _draws(sweep: SF.Sweep, n: int = 200) -> dict[str, list]:
+    from ablations.worker import suggest
+
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out: dict[str, list] = {k: [] for k in sweep.swept}
+    for _ in range(n):
+        trial = study.ask()
+        for k, v in suggest(trial, sweep).items():
+            out[k].append(v)
+        study.tell(trial, 0.0)
+    return out
+
+
+@pytest.mark.parametrize("path", [p for p in CORPUS if "grid" not in p.stem], ids=lambda p: p.stem)
+def test_sampled_values_respect_their_distributions(path):
+    sweep = SF.load(path)
+    for key, values in _draws(sweep).items():
+        p = sweep.params[key]
+        if p.values is not None:
+            assert set(values) <= set(p.values) and len(set(values)) == len(p.values)
+            continue
+        assert all(p.low <= v <= p.high for v in values), key
+        if p.step is not None:
+            assert all(
+                abs((v - p.low) / p.step - round((v - p.low) / p.step)) < 1e-6 for v in values
+            )
+        mid = sorted(values)[len(values) // 2]
+        if p.log:  # half the draws below the geometric mean, not the arithmetic one
+            assert abs(math.log(mid) - (math.log(p.low) + math.log(p.high)) / 2) < 0.25 * math.log(
+                p.high / p.low
+            ), key
+        elif p.step is None:
+            assert abs(mid - (p.low + p.high) / 2) < 0.2 * (p.high - p.low), key
+
+
+def test_exponent_distributions_and_numbers_in_every_spelling():
+    logs = SF.load(Path(__file__).parent / "wandb_sweeps/log_exponents.yaml").params
+    assert logs["train.lr"].low == pytest.approx(1e-4, rel=1e-3)
+    assert logs["train.lr"].high == pytest.approx(0.1, rel=1e-2)
+    assert logs["train.warmup_epochs"].low == pytest.approx(math.exp(-4.6))
+    assert logs["train.warmup_epochs"].high == pytest.approx(1.0)
+    grid = SF.load(Path(__file__).parent / "wandb_sweeps/program_grid.yaml")
+    assert grid.params["train.lr"].values == (0.01, 0.05)
+    nested = SF.load(Path(__file__).parent / "wandb_sweeps/nested_hyperband.yaml")
+    assert {"data.dataset", "data.subset", "model.variant", "model.width"} <= set(nested.params)
+    assert nested.hyperband == {"min_iter": 1, "eta": 3, "max_iter": None}
+
+
+@pytest.mark.parametrize(
+    "spec,message",
+    [
+        (
+            {"distribution": "normal", "mu": 0.05, "sigma": 0.01},
+            "normal has no bounded range, which a sweep over a model setting needs; the "
+            "nearest that works: uniform with min: mu - 2*sigma and max: mu + 2*sigma",
+        ),
+        (
+            {"distribution": "log_normal", "mu": -3, "sigma": 1},
+            "the nearest that works: log_uniform_values",
+        ),
+        (
+            {"distribution": "q_log_uniform_values", "min": 0.001, "max": 0.1, "q": 0.001},
+            "on a log scale is not one of Optuna's distributions; the nearest that works: "
+            "log_uniform_values",
+        ),
+        (
+            {"values": [0.01, 0.1], "probabilities": [0.9, 0.1]},
+            "the nearest that works: the same values without probabilities",
+        ),
+        ({"distribution": "constant"}, "distribution constant needs 'value'"),
+        ({"distribution": "q_uniform", "min": 0.1, "max": 0.2, "q": 1}, "is wider than the range"),
+    ],
+)
+def test_distributions_optuna_cannot_run_are_refused_with_the_nearest(tmp_path, spec, message):
+    raw = {
+        "name": "t",
+        "method": "random",
+        "run_cap": 2,
+        "parameters": {"data.dataset": {"value": "synthetic"}, "train.lr": spec},
+    }
+    with pytest.raises(SF.SweepError) as err:
+        SF.parse(raw)
+    assert message in str(err.value)
+
+
+def test_wandb_project_entity_and_dir_follow_the_precedence(monkeypatch, tmp_path):
+    for key in ("WANDB_PROJECT", "WANDB_ENTITY", "WANDB_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    trial_dir = tmp_path / "trial"
+    assert wandb_log.target(None, None, trial_dir) == {
+        "project": "allconv-ablations",
+        "entity": None,
+        "save_dir": trial_dir,
+    }
+    monkeypatch.setenv("WANDB_PROJECT", "env-project")
+    monkeypatch.setenv("WANDB_ENTITY", "env-team")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wandb-dir"))
+    got = wandb_log.target(None, None, trial_dir)
+    assert got == {
+        "project": "env-project",
+        "entity": "env-team",
+        "save_dir": tmp_path / "wandb-dir",
+    }
+    # the sweep file's own project and entity win over the environment
+    assert wandb_log.target("file-project", "file-team", trial_dir)["project"] == "file-project"
+    assert wandb_log.target("file-project", "file-team", trial_dir)["entity"] == "file-team"
+
+
+def test_only_categorical_swept_values_become_tags(tmp_path, in_tmp, monkeypatch):
+    from ablations import wandb_logger
+
+    seen = []
+
+    def fake(self, **kwargs):
+        seen.append(kwargs["tags"])
+        raise RuntimeError("no W&B here")  # the trial goes on without it
+
+    monkeypatch.setattr(wandb_logger.SafeWandbLogger, "__init__", fake)
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        method="random",
+        run_cap=1,
+        parameters={"train.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1}},
+    )
+    run_worker(file, wandb="offline")
+    (tags,) = seen
+    assert any(t.startswith("model.variant=") for t in tags)
+    assert not any(t.startswith("train.lr=") for t in tags)
+
+
+def test_studies_name_their_metric_and_trials_report_learning_curves(tmp_path, in_tmp):
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={"train.epochs": {"value": 2}, "model.variant": {"value": "all-cnn"}},
+    )
+    run_worker(file)
+    study = load()
+    assert study.metric_names == ["val/error"]
+    (trial,) = study.get_trials()
+    assert sorted(trial.intermediate_values) == [0, 1]
+    assert trial.intermediate_values[1] == pytest.approx(trial.user_attrs["val/error"])
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_dashboard_serves_the_study_on_localhost(tmp_path, in_tmp):
+    from tests.test_export import make_study
+
+    make_study(in_tmp)
+    port = _free_port()
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ablations.cli", "dashboard", "paper", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        line = proc.stdout.readline()
+        assert f"http://127.0.0.1:{port}/dashboard/studies/" in line
+        deadline, body = time.time() + 60, None
+        while body is None and time.time() < deadline:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                    body = json.loads(r.read())
+            except OSError:
+                time.sleep(0.5)
+        assert body is not None, "the dashboard never answered"
+        (summary,) = body["study_summaries"]
+        assert summary["study_name"] == "paper"
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
+
+
+def test_dashboard_of_an_unknown_study_exits_2(tmp_path, in_tmp, capsys):
+    assert main(["dashboard", "nope"]) == 2
+    assert "no study 'nope'" in capsys.readouterr().err
