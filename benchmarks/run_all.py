@@ -12,8 +12,8 @@ import time
 
 import torch
 
+from benchmarks import cli_startup, gpu_check, loader, sweep_overhead, throughput
 from benchmarks import common as C
-from benchmarks import gpu_check, loader, sweep_overhead, throughput
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -24,6 +24,7 @@ def main(argv: list[str] | None = None) -> None:
         ("loader", loader.main, common + threads),
         ("throughput", throughput.main, common + threads),
         ("sweep_overhead", sweep_overhead.main, common),  # workers pick their own threads
+        ("cli_startup", cli_startup.main, common),
     ]
     if torch.cuda.is_available():
         runs.append(("gpu_check", gpu_check.main, common))

@@ -57,3 +57,15 @@ def test_projection_arithmetic():
     # every model as fast as All-CNN-C, and the pipeline at 0.9 of bare: 144 equal cells
     # (12 models x 4 rates x 3 seeds)
     assert proj["paper_table3_hours_one_gpu"] == round(144 * hours, 1)
+
+
+def test_cli_startup_benchmark_times_each_command(tmp_path):
+    from benchmarks import cli_startup
+
+    figures = cli_startup.main(["--out", str(tmp_path), "--repeats", "1"])
+    for name in cli_startup.COMMANDS:
+        assert figures[name]["median"] > 0
+    assert set(figures["over_floor_seconds"]) == set(cli_startup.COMMANDS) - {
+        "import optuna, pandas (floor)"
+    }
+    assert (tmp_path / "cli_startup.json").is_file()
