@@ -21,8 +21,17 @@ def _user_errors() -> tuple[type[Exception], ...]:
     from ablations.export import ExportError
     from ablations.settings import SettingsError
     from ablations.sweep_file import SweepError
+    from ablations.visualize_spec import VisualizeError
 
-    return (UsageError, SettingsError, SpecError, DataError, SweepError, ExportError)
+    return (
+        UsageError,
+        SettingsError,
+        SpecError,
+        DataError,
+        SweepError,
+        ExportError,
+        VisualizeError,
+    )
 
 
 def _json_default(value: object) -> object:
@@ -159,11 +168,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    from ablations import export, launcher, status
+    from ablations import export, launcher, status, visualize
 
     launcher.register_cli(sub)
     status.register_cli(sub)
     export.register_cli(sub)
+    visualize.register_cli(sub)
     return parser
 
 

@@ -390,19 +390,19 @@ def _watch(study: optuna.Study, sweep: SF.Sweep, procs: list, status_dir: Path, 
                     return
                 time.sleep(1)
     # not a terminal (CI, a log file): one line whenever the totals change
-    last_line = None
+    last = None
     while live(procs):
         tot, eta = snapshot()
-        if tot is None:
-            line = f"{study.study_name}: storage unreachable; waiting for the workers"
-        else:
-            line = (
-                f"{study.study_name}: done {tot['done']} running {tot['running']} "
-                f"failed {tot['failed']} left {tot['left']} ETA {eta}"
-            )
-        if line != last_line:
-            print(line, flush=True)
-            last_line = line
+        if tot != last:  # the totals, not the ETA, which moves every poll
+            if tot is None:
+                print(f"{study.study_name}: storage unreachable; waiting for the workers")
+            else:
+                print(
+                    f"{study.study_name}: done {tot['done']} running {tot['running']} "
+                    f"failed {tot['failed']} left {tot['left']} ETA {eta}",
+                    flush=True,
+                )
+            last = tot
         time.sleep(2)
 
 

@@ -101,6 +101,7 @@ class AllConvDataModule(L.LightningDataModule):
         _choose(PREPROCESSING, "data.preprocess", data["preprocess"])
         _choose(AUGMENTATIONS, "data.augment", data["augment"])
         self.splits: dict[str, tuple[torch.Tensor, torch.Tensor]] | None = None
+        self.stats: dict[str, torch.Tensor] | None = None
         self.rank, self.world_size = 0, 1
         self.device = torch.device("cpu")
 
@@ -108,8 +109,9 @@ class AllConvDataModule(L.LightningDataModule):
     def root(self) -> Path:
         return Path(str(self.data["dir"])).expanduser()
 
-    def load(self) -> None:
-        """Read, split and preprocess on the CPU (once); sets shape, classes and files."""
+    def load(self, stats: dict[str, torch.Tensor] | None = None) -> None:
+        """Read, split and preprocess on the CPU (once); sets shape, classes and files.
+        `stats`: preprocessing statistics to use instead of the fitted ones (a checkpoint's)."""
         if self.splits is not None:
             return
         dataset, name = self.data["dataset"], self.data["preprocess"]
@@ -138,9 +140,12 @@ class AllConvDataModule(L.LightningDataModule):
             preprocess=name,
             constants=prep.constants,
         )
-        self.stats, self.stats_source = fitted_stats(
-            name, train_x, self.root / "cache", key, prefix=f"{dataset}-"
-        )
+        if stats is not None:
+            self.stats, self.stats_source = dict(stats), "checkpoint"
+        else:
+            self.stats, self.stats_source = fitted_stats(
+                name, train_x, self.root / "cache", key, prefix=f"{dataset}-"
+            )
 
         def prepped(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
             t = prep.apply(torch.from_numpy(np.ascontiguousarray(x)), self.stats)
@@ -156,6 +161,16 @@ class AllConvDataModule(L.LightningDataModule):
         self.num_classes = len(raw.class_names)
         self.class_names = raw.class_names
         self.files = raw.files
+
+    def state_dict(self) -> dict[str, Any]:
+        """Saved in every checkpoint (Lightning calls it): the data settings and the fitted
+        preprocessing statistics, so a checkpoint alone says how to feed the network."""
+        if self.stats is None:
+            return {}
+        return {"data": dict(self.data), "stats": {k: v.clone() for k, v in self.stats.items()}}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.saved_state = state  # read by ablate visualize; training never restores data
 
     def setup(self, stage: str | None = None) -> None:
         self.load()
