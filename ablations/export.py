@@ -494,8 +494,14 @@ def caption(
 
     relu = {"True": "with a ReLU (the paper's)", "False": "without a ReLU"}
     score = relu.get(values("model.score_relu"), "with and without a ReLU")
+    planned = seed_count(sweep)
+    complete = trials[trials["state"] == "complete"]
+    keys = [k for k in sweep.swept if k != "seed" and k in complete]
+    per_row = complete.groupby(keys)["seed"].nunique() if keys else complete["seed"].nunique()
+    done = int(per_row.min()) if keys and len(per_row) else int(per_row) if not keys else 0
+    seeds = f"{planned} seed(s)" if done >= planned else f"the completed seeds (Seeds) of {planned}"
     text = (
-        f"{study}: errors in %, mean ± sample std over {seed_count(sweep)} seed(s); "
+        f"{study}: errors in %, mean ± sample std over {seeds}; "
         f"{values('data.dataset')}, {values('train.epochs')} epochs; class-score layer "
         f"{score}."
     )
