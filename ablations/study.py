@@ -14,6 +14,7 @@ this module alone.
 from __future__ import annotations
 
 import json
+import warnings
 import zlib
 from pathlib import Path
 from typing import Any
@@ -83,7 +84,9 @@ def open_study(
         load_if_exists=True,
     )
     if study.metric_names is None:  # optuna-dashboard labels the objective with it
-        study.set_metric_names([sweep.metric])
+        with warnings.catch_warnings():  # experimental in Optuna 5.0, and what we need
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([sweep.metric])
     if study_name not in existing:
         study.set_user_attr(
             DEFINITION_ATTR, json.loads(json.dumps(sweep.definition(), default=str))
