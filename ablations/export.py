@@ -841,7 +841,8 @@ def write(
         "Holm-corrected across the table."
     )
     out.mkdir(parents=True, exist_ok=True)
-    stage = Path(tempfile.mkdtemp(prefix=".export-", dir=out))
+    _remove_dead_stages(out)
+    stage = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out))
     written: dict[str, Path] = {}
     try:
         if "csv" in formats:
@@ -935,14 +936,30 @@ def _plain(v: Any) -> Any:
     return v.item() if hasattr(v, "item") else v
 
 
+def _remove_dead_stages(out: Path) -> None:
+    """Staging folders left by an export that was killed mid-write (its pid is gone)."""
+    for stage in out.glob(".export-*"):
+        pid = stage.name.split("-")[1]
+        if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(stage, ignore_errors=True)
+
+
+def check_out(out: Path) -> None:
+    """--out must be a folder or a path that can become one: not a file, nor under one."""
+    for p in (out, *out.parents):
+        if p.exists() and not p.is_dir():
+            where = "is a file" if p == out else f"is under {p}, which is a file"
+            raise ExportError(f"--out {out}: {where}; give a folder")
+
+
 def log_to_wandb(study: optuna.Study, sweep: SF.Sweep, mode: str, runs_dir: Path) -> None:
-    """The sweep's `ablation-table` run: summary, effects and trials as W&B tables, and the
-    figures, each under its own key."""
+    """The sweep's exports in runs/<study>/export, and its `ablation-table` W&B run:
+    summary, effects and trials as W&B tables, and the figures, each under its own key."""
     from ablations import wandb_log
 
+    files = write(study, runs_dir / "export", formats=list(FORMATS))  # with W&B off too
     if mode == "disabled":
         return
-    files = write(study, runs_dir / "export", formats=list(FORMATS))
     tables = {name: pd.read_csv(files[f"{name}.csv"]) for name in ("summary", "effects", "trials")}
     images = {
         f"{name}_figure": files[f"{name}.png"]
@@ -974,6 +991,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ExportError(f"--final-seeds {args.final_seeds}: must be at least 1")
     study, _ = resolve_study(args.study, args.storage, runs_dir)
     out = Path(args.out) if args.out else runs_dir / study.study_name / "export"
+    check_out(out)
     metrics = [m.strip() for m in args.metrics.split(",")] if args.metrics else None
     written = write(
         study, out, formats=formats, metrics=metrics, select_by=args.select_by, over=args.over

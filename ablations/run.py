@@ -150,6 +150,8 @@ class Stopper(Callback):
 
 def prepare(settings: dict[str, Any], download: bool = True) -> Prepared:
     """Load the data and build the module; every check that can fail happens here."""
+    if settings["train.accelerator"] == "gpu" and not torch.cuda.is_available():
+        raise S.SettingsError("train.accelerator=gpu: no CUDA GPU is visible here; use auto or cpu")
     # seeded here, before the weights are drawn, not only in train()
     L.seed_everything(settings["seed"], workers=False, verbose=False)
     data = {k.removeprefix("data."): v for k, v in settings.items() if k.startswith("data.")}

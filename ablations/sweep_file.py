@@ -459,12 +459,32 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
     return sweep
 
 
+class _StrictLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last,
+    silently: a sweep would run something other than what its file seems to say)."""
+
+    def construct_mapping(self, node, deep=False):
+        seen = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise _err(f"line {key_node.start_mark.line + 1}: key {key!r} is given twice")
+            seen.add(key)
+        return super().construct_mapping(node, deep)
+
+
 def load(path: str | Path) -> Sweep:
     path = Path(path)
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.load(path.read_text(), Loader=_StrictLoader)  # noqa: S506 (a SafeLoader)
     except FileNotFoundError:
         raise _err(f"{path}: no such sweep file") from None
+    except IsADirectoryError:
+        raise _err(f"{path} is a directory; give a sweep file (YAML)") from None
+    except UnicodeDecodeError:
+        raise _err(f"{path} is not a text file; give a sweep file (YAML)") from None
+    except SweepError as err:
+        raise _err(f"{path}: {err}") from None
     except yaml.YAMLError as err:
         raise _err(f"{path}: not valid YAML: {err}") from None
     return parse(raw, str(path))

@@ -272,3 +272,69 @@ def test_a_damaged_journal_is_repaired_and_keeps_every_complete_trial(tmp_path, 
         .read_bytes()
         .startswith(torn if damage != "garbage line" else b"garbage")
     )
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (None, "is a directory; give a sweep file (YAML)"),
+        (b"\xff\xfe\x00\x81binary", "is not a text file; give a sweep file (YAML)"),
+        (
+            b"name: a\nname: b\nmethod: grid\nparameters:\n  seed: {value: 1}\n",
+            "line 2: key 'name' is given twice",
+        ),
+    ],
+    ids=["directory", "binary", "duplicate-key"],
+)
+def test_sweep_files_that_are_not_sweep_files(tmp_path, in_tmp, capsys, content, message):
+    path = tmp_path / "s.yaml"
+    if content is None:
+        path.mkdir()
+    else:
+        path.write_bytes(content)
+    assert main(["sweep", str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1
+    assert not Path("runs").exists()
+
+
+def test_export_out_must_be_a_folder(tmp_path, in_tmp, capsys):
+    from tests.test_export import make_study
+
+    make_study(in_tmp)
+    (in_tmp / "afile").write_text("keep me\n")
+    before = tree(in_tmp)
+    assert main(["export", "paper", "--out", "afile"]) == 2
+    assert "--out afile: is a file; give a folder" in capsys.readouterr().err
+    assert main(["export", "paper", "--out", "afile/sub"]) == 2
+    assert "--out afile/sub: is under afile, which is a file" in capsys.readouterr().err
+    assert tree(in_tmp) == before and (in_tmp / "afile").read_text() == "keep me\n"
+
+
+def test_an_export_killed_mid_write_leaves_no_staging_folder_behind(tmp_path, in_tmp):
+    from tests.test_export import make_study
+
+    make_study(in_tmp)
+    out = in_tmp / "runs/paper/export"
+    (out / ".export-999999999-abc").mkdir(parents=True)  # a dead export's staging folder
+    (out / ".export-999999999-abc/summary.csv").write_text("half")
+    assert main(["export", "paper", "--format", "csv"]) == 0
+    assert not list(out.glob(".export-*"))
+
+
+def test_gpu_accelerator_without_a_gpu_is_refused_before_writing(in_tmp, capsys, monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    code = main(["train", "data.dataset=synthetic", "train.accelerator=gpu", "--quiet"])
+    assert code == 2
+    assert "train.accelerator=gpu: no CUDA GPU is visible here" in capsys.readouterr().err
+    assert not Path("runs").exists()
+
+
+def test_a_sweep_with_wandb_disabled_still_writes_its_exports(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml")
+    out = subprocess.run(sweep_cli(file, workers=1), capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert (in_tmp / "runs/t/export/summary.csv").is_file()
+    assert not list((in_tmp / "runs/t").glob("wandb"))
