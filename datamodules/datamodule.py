@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import functools
 import hashlib
 import os
 from pathlib import Path
@@ -49,13 +48,26 @@ def stratified_take(labels: np.ndarray, n: int, seed: int) -> tuple[np.ndarray, 
     return taken, rest
 
 
-@functools.lru_cache(maxsize=1)
+_last_raw: tuple[tuple, RawData] | None = None
+
+
 def read_raw(dataset: str, root: Path, download: bool) -> RawData:
     """The raw images of a data set, kept for the next run in this process: a sweep worker's
     trials share their data set, and reading it again (Fashion-MNIST's gzip, 0.5 s) or
-    drawing it again (synthetic, 3 s) was most of a short trial's fixed cost. Callers index
+    drawing it again (synthetic, 3 s) was most of a short trial's fixed cost. Keyed by the
+    resolved folder, read through the folder as given (messages name it so). Callers index
     or copy the arrays, never write to them."""
-    return DATASETS[dataset](root, download)
+    global _last_raw
+    key = (dataset, str(root.resolve()), download)
+    if _last_raw is None or _last_raw[0] != key:
+        _last_raw = None
+        _last_raw = (key, DATASETS[dataset](root, download))
+    return _last_raw[1]
+
+
+def forget_raw() -> None:
+    global _last_raw
+    _last_raw = None
 
 
 def split_sizes(n_train: int, val_size: int | str, subset: int | None) -> tuple[int, int]:
@@ -115,7 +127,7 @@ class AllConvDataModule(L.LightningDataModule):
         if self.splits is not None:
             return
         dataset, name = self.data["dataset"], self.data["preprocess"]
-        raw = read_raw(dataset, self.root.resolve(), self.download)
+        raw = read_raw(dataset, self.root, self.download)
         _, h, w, c = raw.train_x.shape
         if h != w:
             raise DataError(f"{dataset}: images are {h}x{w}; only square ones are supported")

@@ -177,7 +177,7 @@ def test_a_worker_reads_its_data_set_once_and_runs_cannot_alter_it(tmp_path, mon
     calls = []
     real = D.DATASETS["synthetic"]
     monkeypatch.setitem(D.DATASETS, "synthetic", lambda *a: calls.append(a) or real(*a))
-    D.read_raw.cache_clear()
+    D.forget_raw()
     data = {"dataset": "synthetic", "dir": str(tmp_path), "preprocess": "standardize"}
     data |= {"augment": "none", "val_size": 64, "subset": 128}
     first = D.AllConvDataModule(data, seed=0, batch_size=32)
@@ -188,9 +188,9 @@ def test_a_worker_reads_its_data_set_once_and_runs_cannot_alter_it(tmp_path, mon
     second.load()
     assert len(calls) == 1
     third = D.AllConvDataModule(data, seed=0, batch_size=32)
-    D.read_raw.cache_clear()
+    D.forget_raw()
     third.load()
     for split in ("train", "val", "test"):
         assert torch.equal(second.splits[split][0], third.splits[split][0])
         assert torch.equal(second.splits[split][1], third.splits[split][1])
-    D.read_raw.cache_clear()
+    D.forget_raw()
