@@ -66,7 +66,67 @@ def _visible_gpus() -> list[str]:
     return [line.strip() for line in out.stdout.splitlines() if line.strip()]
 
 
-def dry_run(sweep: SF.Sweep, study_name: str, url: str) -> None:
+def preflight(
+    sweep: SF.Sweep, runs_root: Path, *, storage_given: bool, samples: int = 20
+) -> list[tuple[dict[str, Any], str]]:
+    """What would fail in every trial, found before any worker starts (and in --dry-run):
+    the runs folder must be writable, each data set readable with every cell's split, and
+    (random, bayes) `samples` draws of the swept settings valid. Raises SweepError; returns
+    the grid cells whose data split cannot work, to skip with their reason. Writes nothing
+    (a data set a source downloads is kept, as a trial would keep it)."""
+    import optuna
+
+    from datamodules import DATASETS, DataError, split_sizes
+
+    if not storage_given:
+        existing = next(p for p in (runs_root, *runs_root.parents) if p.exists())
+        if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+            raise SF.SweepError(
+                f"runs folder {runs_root} cannot be written ({existing} is not a writable "
+                "folder); run from a folder you can write to"
+            )
+    if sweep.method == "grid":
+        cells, _ = sweep.cells()
+    else:
+        study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+        cells = []
+        for _ in range(samples):
+            trial = study.ask()
+            cell = SD.suggest(trial, sweep)
+            try:
+                S.resolve({**sweep.base, **cell})
+            except (S.SettingsError, SF.SpecError) as err:
+                raise SF.SweepError(
+                    f"parameters: a sampled setting is invalid, so trials would fail: {err} "
+                    f"(drawn: {cell})"
+                ) from None
+            cells.append(cell)
+            study.tell(trial, 0.0)
+    sizes: dict[tuple[str, str], int] = {}
+    skipped = []
+    for cell in cells or [{}]:
+        settings = S.resolve({**sweep.base, **cell})
+        dataset, folder = settings["data.dataset"], settings["data.dir"]
+        if (dataset, folder) not in sizes:
+            try:
+                raw = DATASETS[dataset](Path(folder).expanduser(), True)
+            except DataError as err:
+                raise SF.SweepError(f"data: {err}") from None
+            sizes[(dataset, folder)] = len(raw.train_y)
+        try:
+            split_sizes(
+                sizes[(dataset, folder)], settings["data.val_size"], settings["data.subset"]
+            )
+        except DataError as err:
+            if sweep.method != "grid":
+                raise SF.SweepError(f"data: {err}") from None
+            skipped.append((cell, str(err)))
+    if sweep.method == "grid" and cells and len(skipped) == len(cells):
+        raise SF.SweepError(f"every grid cell fails its data split: {skipped[0][1]}")
+    return skipped
+
+
+def dry_run(sweep: SF.Sweep, study_name: str, url: str, skipped: list | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -78,6 +138,9 @@ def dry_run(sweep: SF.Sweep, study_name: str, url: str) -> None:
         )
         return
     valid, invalid = sweep.cells()
+    bad = {SF.cell_id(c) for c, _ in skipped or []}
+    valid = [c for c in valid if SF.cell_id(c) not in bad]
+    invalid = [*invalid, *(skipped or [])]
     table = Table(title=f"{study_name}: {len(valid)} cells ({url})")
     table.add_column("#", justify="right")
     for key in sweep.swept:
@@ -134,6 +197,7 @@ def launch(args: argparse.Namespace) -> int:
             f"--devices-per-trial {k} does not divide the {len(gpus)} GPUs ({','.join(gpus)})"
         )
     groups = [",".join(gpus[i : i + k]) for i in range(0, len(gpus), k)]
+    skipped = preflight(sweep, Path(args.runs_dir), storage_given=args.storage is not None)
     if args.workers < 1:
         raise SF.SweepError(f"--workers {args.workers}: give at least 1")
     if args.trials_per_device < 1:
@@ -144,11 +208,13 @@ def launch(args: argparse.Namespace) -> int:
             "this run has none (--devices auto or a GPU list); on CPUs use --workers N"
         )
     if args.dry_run:
-        dry_run(sweep, study_name, ST.describe_url(url))
+        dry_run(sweep, study_name, ST.describe_url(url), skipped)
         return 0
     _, invalid = sweep.cells() if sweep.method == "grid" else ([], [])
+    invalid = [*invalid, *skipped]
     study = SD.open_study(sweep, url, study_name, create=True)
     study.set_user_attr("sweep.run_cap", sweep.run_cap)
+    study.set_user_attr(SD.SKIPPED_ATTR, sorted(SF.cell_id(c) for c, _ in skipped))
     for cell, why in invalid:
         print(f"skipping invalid cell {SF.cell_id(cell)}: {why}", file=sys.stderr)
     wandb_mode = args.wandb or wandb_log.default_mode()
@@ -175,6 +241,7 @@ def launch(args: argparse.Namespace) -> int:
     for i, (devices, threads) in enumerate(plan):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
         env[ST.STORAGE_ENV] = url  # not in argv, where `ps` shows a database password to all
+        env["ALLCONV_LAUNCHER_PID"] = str(os.getpid())  # workers stop when it is gone
         if devices is not None:
             env["CUDA_VISIBLE_DEVICES"] = devices
         cmd = [

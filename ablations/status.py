@@ -33,7 +33,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     if sweep.method == "grid":
         for col in (*sweep.swept, "state", "trials", "val/error", "test/error"):
             table.add_column(col)
-        for entry in SD.cell_states(sweep, trials, SD.retry_from(study)).values():
+        for entry in SD.cell_states(
+            sweep, trials, SD.retry_from(study), SD.skipped(study)
+        ).values():
             done = [t for t in entry["trials"] if SD.trial_state(t) in SD.DONE_STATES]
             last = done[0] if done else (entry["trials"][-1] if entry["trials"] else None)
             ua = last.user_attrs if last else {}

@@ -22,6 +22,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from ablations import settings as S
 from ablations import storage as ST
 from ablations import sweep_file as SF
 
@@ -127,11 +128,24 @@ def retry_from(study: optuna.Study) -> int:
     return int(study.user_attrs.get(RETRY_ATTR, 0))
 
 
-def cell_states(sweep: SF.Sweep, trials: list, since: int = 0) -> dict[str, dict[str, Any]]:
+SKIPPED_ATTR = "sweep.skipped"  # grid cells the launcher's preflight found cannot run
+
+
+def skipped(study: optuna.Study) -> set[str]:
+    return set(study.user_attrs.get(SKIPPED_ATTR, []))
+
+
+def cell_states(
+    sweep: SF.Sweep, trials: list, since: int = 0, skip: set[str] = frozenset()
+) -> dict[str, dict[str, Any]]:
     """Per grid cell: its state (done / running / failed / left) and its trials; a cell is
     given up (failed) after MAX_ATTEMPTS failed trials, interrupted ones not counted."""
     valid, _ = sweep.cells()
-    cells = {SF.cell_id(c): {"cell": c, "trials": [], "state": "left"} for c in valid}
+    cells = {
+        SF.cell_id(c): {"cell": c, "trials": [], "state": "left"}
+        for c in valid
+        if SF.cell_id(c) not in skip
+    }
     for t in trials:
         cid = t.user_attrs.get("cell")
         if cid in cells:
@@ -156,7 +170,7 @@ def totals(study: optuna.Study, sweep: SF.Sweep) -> dict[str, int]:
     states = [trial_state(t) for t in trials]
     since = retry_from(study)
     if sweep.method == "grid":
-        cells = cell_states(sweep, trials, since)
+        cells = cell_states(sweep, trials, since, skipped(study))
         by = [e["state"] for e in cells.values()]
         return {
             "done": sum(s in DONE_STATES for s in by),
@@ -253,3 +267,19 @@ def stored_sweep(study: optuna.Study) -> SF.Sweep:
             "run_cap": study.user_attrs.get("sweep.run_cap") or 1,
         }
     )
+
+
+def suggest(trial: optuna.Trial, sweep: SF.Sweep) -> dict[str, Any]:
+    """The trial's values of the swept settings, drawn by the study's sampler."""
+    params = {}
+    for key in sweep.swept:
+        p = sweep.params[key]
+        if p.values is not None:
+            params[key] = trial.suggest_categorical(key, list(p.values))
+        elif S.SCHEMA[key].type is int:
+            params[key] = trial.suggest_int(
+                key, int(p.low), int(p.high), step=p.step or 1, log=p.log
+            )
+        else:
+            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
+    return params

@@ -92,7 +92,7 @@ def claim(
         if limit is not None and len(trials) >= limit:
             return None
         if sweep.method == "grid":
-            cells = SD.cell_states(sweep, trials, SD.retry_from(study))
+            cells = SD.cell_states(sweep, trials, SD.retry_from(study), SD.skipped(study))
             open_cells = [e for e in cells.values() if e["state"] == "left"]
             if not open_cells:
                 running = any(e["state"] == "running" for e in cells.values())
@@ -110,21 +110,6 @@ def claim(
         for key, value in ST.owner_stamp().items():
             trial.set_user_attr(key, value)
         return trial
-
-
-def suggest(trial: optuna.Trial, sweep: SF.Sweep) -> dict[str, Any]:
-    params = {}
-    for key in sweep.swept:
-        p = sweep.params[key]
-        if p.values is not None:
-            params[key] = trial.suggest_categorical(key, list(p.values))
-        elif S.SCHEMA[key].type is int:
-            params[key] = trial.suggest_int(
-                key, int(p.low), int(p.high), step=p.step or 1, log=p.log
-            )
-        else:
-            params[key] = trial.suggest_float(key, p.low, p.high, step=p.step, log=p.log)
-    return params
 
 
 def run_trial(
@@ -172,7 +157,7 @@ def _run_trial(
     devices: int,
 ) -> str:
     try:
-        params = suggest(trial, sweep)
+        params = SD.suggest(trial, sweep)
         settings = S.resolve({**sweep.base, **params})
         prepared = run.prepare(settings)
         flat = prepared.flat
@@ -287,6 +272,9 @@ def _cell_suffix(params: dict[str, Any]) -> str:
     return (" " + " ".join(shown)) if shown else ""
 
 
+LAUNCHER_ENV = "ALLCONV_LAUNCHER_PID"  # set by the launcher: a worker stops when it is gone
+
+
 def _terminated(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM ends a trial as Ctrl-C does: interrupted, not failed
 
@@ -318,8 +306,15 @@ def main(argv: list[str] | None = None) -> int:
         state="starting", devices=os.environ.get("CUDA_VISIBLE_DEVICES"), threads=args.threads
     )
     runs_dir = Path(args.runs_dir)
+    launcher = os.environ.get(LAUNCHER_ENV)
     try:
         while True:
+            if launcher is not None and str(os.getppid()) != launcher:
+                # the launcher was killed (SIGKILL leaves no time to stop us): finish, but
+                # start nothing new; the same command resumes
+                print(f"worker {args.worker}: the launcher is gone; stopping", file=sys.stderr)
+                status.write(state="launcher gone")
+                return 0
             trial = claim(study, sweep, args.storage, args.limit)
             if trial is None:
                 break

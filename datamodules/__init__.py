@@ -13,11 +13,10 @@ from typing import Any
 from datamodules.choices import AUGMENT_CHOICES, PREPROCESS_CHOICES
 from datamodules.sources import SOURCES as DATASETS
 from datamodules.sources import DataError, RawData, make_synthetic
+from datamodules.splits import split_sizes, stratified_take
 
 _LAZY = {
     "AllConvDataModule": "datamodules.datamodule",
-    "split_sizes": "datamodules.datamodule",
-    "stratified_take": "datamodules.datamodule",
     "AUGMENTATIONS": "datamodules.loader",
     "DeviceLoader": "datamodules.loader",
     "flip_translate": "datamodules.loader",
@@ -31,6 +30,8 @@ __all__ = [
     "DataError",
     "RawData",
     "make_synthetic",
+    "split_sizes",
+    "stratified_take",
     *_LAZY,
 ]
 

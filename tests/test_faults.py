@@ -18,7 +18,7 @@ from ablations import storage as ST
 from ablations import study as SD
 from ablations.cli import main
 from tests.conftest import tree
-from tests.test_sweeps import FAST, load, sweep_cli, write_sweep
+from tests.test_sweeps import FAST, load, run_worker, sweep_cli, write_sweep
 
 SLOW_CELLS = {
     **FAST,
@@ -76,6 +76,28 @@ def test_sigterm_stops_the_workers_and_their_trials_are_interrupted_not_failed(t
     assert "0 given up" in out.stdout
 
 
+def test_sigkill_of_the_launcher_leaves_no_worker_running_the_sweep(tmp_path, in_tmp):
+    """SIGKILL gives the launcher no chance to stop its workers: each one finishes the trial
+    it has, records it, and starts no other; the same command runs the rest."""
+    params = {**SLOW_CELLS, "train.epochs": {"value": 2}, "seed": {"values": [0, 1]}}
+    file = write_sweep(tmp_path / "s.yaml", parameters=params)
+    cmd = sweep_cli(file, workers=1)
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    (trial,) = running_trials()
+    proc.kill()
+    proc.wait()
+    pid = trial.user_attrs["worker.pid"]
+    deadline = time.time() + 180
+    while alive(pid) and time.time() < deadline:
+        time.sleep(0.5)
+    assert not alive(pid), "the worker kept running the sweep"
+    states = [SD.trial_state(t) for t in load().get_trials()]
+    assert states == ["complete"]  # its trial finished and was recorded, no other started
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    assert "4/4 done" in out.stdout
+
+
 def test_a_killed_worker_does_not_hang_the_one_that_lives(tmp_path, in_tmp):
     """SIGKILL of worker 1 while worker 0 trains: the launcher reaps it (an unreaped zombie
     looked alive to the stale-trial check, and worker 0 waited for its cell forever), worker
@@ -119,24 +141,72 @@ def test_a_killed_worker_does_not_hang_the_one_that_lives(tmp_path, in_tmp):
     assert killed and all("worker died" in t.user_attrs["error_message"] for t in killed)
 
 
-def test_a_grid_whose_trials_all_fail_exits_1_with_the_reason_and_can_be_retried(tmp_path, in_tmp):
+def test_a_sweep_that_cannot_run_is_refused_before_any_worker_starts(tmp_path, in_tmp, capsys):
+    """Preflight: a data split no cell can make (the synthetic set has 8000 images) exits 2
+    in seconds, in --dry-run too, writing nothing; the same for a random sweep."""
     file = write_sweep(tmp_path / "s.yaml", parameters=FAILING)
-    out = subprocess.run(sweep_cli(file, workers=1), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1
-    assert "0/2 done, 4 failed trials, 0 left, 2 given up" in out.stdout
-    assert "a cell is given up after 2 failed trials" in out.stderr
-    assert "4 x DataError: data.subset=100000" in out.stderr
-    assert "--retry-failed" in out.stderr
-    again = subprocess.run(sweep_cli(file, workers=1), capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and "nothing left to run" in again.stdout
-    assert len(load().get_trials()) == 4
+    for extra in ([], ["--dry-run"]):
+        assert main(["sweep", str(file), "--wandb", "disabled", *extra]) == 2
+        err = capsys.readouterr().err
+        assert "every grid cell fails its data split: data.subset=100000 is larger" in err
+    random = write_sweep(
+        tmp_path / "r.yaml",
+        method="random",
+        run_cap=10,
+        parameters={**FAILING, "train.lr": {"distribution": "uniform", "min": 0.01, "max": 0.1}},
+    )
+    assert main(["sweep", str(random), "--wandb", "disabled"]) == 2
+    assert "data: data.subset=100000 is larger" in capsys.readouterr().err
+    assert tree(in_tmp) == ["r.yaml", "s.yaml"]  # the two sweep files, nothing else
+
+
+def test_a_grid_cell_whose_split_cannot_work_is_skipped_with_its_reason(tmp_path, in_tmp, capsys):
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={
+            **FAST,
+            "data.subset": {"values": [256, 100_000]},
+            "model.variant": {"value": "all-cnn"},
+        },
+    )
+    assert main(["sweep", str(file), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "1 cells to run, 1 invalid skipped" in out and "data.subset=100000 is larger" in out
+
+
+def _failing_trials(monkeypatch):
+    from ablations import run
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("boom")
+
+    monkeypatch.setattr(run, "train", boom)
+
+
+def test_a_grid_whose_trials_all_fail_exits_1_with_the_reason_and_can_be_retried(
+    tmp_path, in_tmp, monkeypatch, capsys
+):
+    """A failure only a run finds (here every fit raises): each cell is tried twice, then
+    given up; the sweep says so with each error and its count, exits 1, and --retry-failed
+    runs the given-up cells once the cause is gone."""
+    file = write_sweep(tmp_path / "s.yaml")
+    with monkeypatch.context() as m:
+        _failing_trials(m)
+        run_worker(file)
+    assert [SD.trial_state(t) for t in load().get_trials()] == ["failed"] * 4
+    assert main(["sweep", str(file), "--wandb", "disabled"]) == 1
+    out, err = capsys.readouterr()
+    assert "nothing left to run (0/2 done, 4 failed trials, 2 given up)" in out
+    assert "a cell is given up after 2 failed trials" in err and "4 x RuntimeError: boom" in err
+    assert "--retry-failed" in err
     retry = subprocess.run(
         [*sweep_cli(file, workers=1), "--retry-failed"], capture_output=True, text=True, timeout=300
     )
-    assert retry.returncode == 1 and len(load().get_trials()) == 8  # each cell tried twice more
+    assert retry.returncode == 0, retry.stderr
+    assert "2/2 done, 4 failed trials, 0 left, 0 given up" in retry.stdout
 
 
-def test_a_random_sweep_whose_trials_all_fail_stops(tmp_path, in_tmp):
+def test_a_random_sweep_whose_trials_all_fail_stops(tmp_path, in_tmp, monkeypatch, capsys):
     """Failed trials do not count toward run_cap; without a bound a random sweep with a
     missing data set made thousands of failed trials a minute. It stops after 5 in a row."""
     file = write_sweep(
@@ -144,16 +214,18 @@ def test_a_random_sweep_whose_trials_all_fail_stops(tmp_path, in_tmp):
         method="random",
         run_cap=100,
         parameters={
-            **FAILING,
             "model.variant": {"value": "all-cnn"},
             "train.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
         },
     )
-    out = subprocess.run(sweep_cli(file, workers=1), capture_output=True, text=True, timeout=300)
-    assert out.returncode == 1
-    assert "the sweep stops after 5 failed trials in a row" in out.stderr
-    assert "DataError: data.subset=100000" in out.stderr
+    with monkeypatch.context() as m:
+        _failing_trials(m)
+        run_worker(file)
     assert len(load().get_trials()) == 5
+    assert main(["sweep", str(file), "--wandb", "disabled"]) == 1
+    err = capsys.readouterr().err
+    assert "the sweep stops after 5 failed trials in a row" in err
+    assert "5 x RuntimeError: boom" in err
 
 
 def test_status_names_a_dead_workers_trial(tmp_path, in_tmp, capsys):

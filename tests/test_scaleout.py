@@ -305,3 +305,22 @@ def test_trials_per_device_starts_that_many_workers_per_gpu(tmp_path, in_tmp):
     study = optuna.load_study(study_name="t", storage=ST.open_storage(ST.default_url("t")))
     done = [t.user_attrs["cell"] for t in study.get_trials() if t.state.name == "COMPLETE"]
     assert len(done) == 4 and len(set(done)) == 4
+
+
+def test_dashboard_on_a_postgresql_study(tmp_path, in_tmp, postgres):
+    from tests.test_wandb_schema import dashboard_detail
+
+    url = postgres.create_db("dash")
+    file = write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"}})
+    run_worker_at(file, url)
+    detail = dashboard_detail(["t", "--storage", url], in_tmp)
+    assert detail["study_name"] == "t" and len(detail["trials"]) == 1
+    assert detail["objective_names"] == ["val/error"]
+    (trial,) = detail["trials"]
+    assert trial["intermediate_values"]  # the learning curve the dashboard draws
+
+
+def run_worker_at(file, url):
+    from tests.test_sweeps import run_worker
+
+    run_worker(file, storage=url)

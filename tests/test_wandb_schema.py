@@ -38,7 +38,7 @@ def test_every_wandb_style_file_passes_dry_run(path, in_tmp, capsys):
 
 
 def _draws(sweep: SF.Sweep, n: int = 200) -> dict[str, list]:
-    from ablations.worker import suggest
+    from ablations.study import suggest
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     out: dict[str, list] = {k: [] for k in sweep.swept}
@@ -79,7 +79,8 @@ def test_exponent_distributions_and_numbers_in_every_spelling():
     assert logs["train.warmup_epochs"].low == pytest.approx(math.exp(-4.6))
     assert logs["train.warmup_epochs"].high == pytest.approx(1.0)
     grid = SF.load(Path(__file__).parent / "wandb_sweeps/program_grid.yaml")
-    assert grid.params["train.lr"].values == (0.01, 0.05)
+    assert grid.params["train.lr"].values == (0.05,)  # written 5E-2
+    assert grid.params["train.momentum"].values == (0.9,)  # written .9
     nested = SF.load(Path(__file__).parent / "wandb_sweeps/nested_hyperband.yaml")
     assert {"data.dataset", "data.subset", "model.variant", "model.width"} <= set(nested.params)
     assert nested.hyperband == {"min_iter": 1, "eta": 3, "max_iter": None}
@@ -186,22 +187,22 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_dashboard_serves_the_study_on_localhost(tmp_path, in_tmp):
-    from tests.test_export import make_study
-
-    make_study(in_tmp)
+def dashboard_detail(args: list[str], cwd: Path) -> dict:
+    """Start `ablate dashboard ARGS --port P` on a free port; the first study's detail as
+    its HTTP API gives it."""
     port = _free_port()
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "ablations.cli", "dashboard", "paper", "--port", str(port)],
+        [sys.executable, "-m", "ablations.cli", "dashboard", *args, "--port", str(port)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
         env=env,
+        cwd=cwd,
     )
     try:
         line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/dashboard/studies/" in line
+        assert f"http://127.0.0.1:{port}/dashboard/studies/" in line, proc.stderr.read()
         deadline, body = time.time() + 60, None
         while body is None and time.time() < deadline:
             try:
@@ -211,12 +212,56 @@ def test_dashboard_serves_the_study_on_localhost(tmp_path, in_tmp):
                 time.sleep(0.5)
         assert body is not None, "the dashboard never answered"
         (summary,) = body["study_summaries"]
-        assert summary["study_name"] == "paper"
+        with urllib.request.urlopen(
+            f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10
+        ) as r:
+            return {**json.loads(r.read()), "study_name": summary["study_name"]}
     finally:
         proc.terminate()
         proc.wait(timeout=30)
 
 
+def test_dashboard_serves_the_study_on_localhost(tmp_path, in_tmp):
+    from tests.test_export import make_study
+
+    make_study(in_tmp)
+    detail = dashboard_detail(["paper"], in_tmp)
+    assert detail["study_name"] == "paper" and len(detail["trials"]) == 12
+    assert detail["objective_names"] == ["val/error"]  # the named objective it shows
+
+
 def test_dashboard_of_an_unknown_study_exits_2(tmp_path, in_tmp, capsys):
     assert main(["dashboard", "nope"]) == 2
     assert "no study 'nope'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["program_grid", "command_random", "constant_and_categorical"])
+def test_three_corpus_files_run_for_real(name, in_tmp):
+    path = Path(__file__).parent / "wandb_sweeps" / f"{name}.yaml"
+    sweep = SF.load(path)
+    run_worker(path, study=sweep.name)
+    study = load(sweep.name)
+    states = [t.user_attrs.get("state") for t in study.get_trials()]
+    assert states == ["complete"] * (sweep.run_cap or len(sweep.cells()[0]))
+    assert study.metric_names == [sweep.metric]
+
+
+def test_wandb_project_from_the_environment_lands_in_the_run_files(tmp_path, in_tmp, monkeypatch):
+    monkeypatch.setenv("WANDB_PROJECT", "from-env")
+    monkeypatch.delenv("WANDB_DIR", raising=False)
+    file = write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"}})
+    raw = yaml.safe_load(file.read_text())
+    raw.pop("project", None)
+    file.write_text(yaml.safe_dump(raw))
+    run_worker(file, wandb="offline")
+    (run_dir,) = Path("runs/t/trials").glob("*/wandb/offline-run-*")
+    wandb = Path(sys.executable).parent / "wandb"
+    out = subprocess.run(
+        [str(wandb), "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
+    run = next(r["run"] for r in records if r["type"] == "run")
+    assert run["project"] == "from-env"
