@@ -183,6 +183,8 @@ def totals(study: optuna.Study, sweep: SF.Sweep) -> dict[str, int]:
     done = sum(s in DONE_STATES for s in states)
     remaining = max(0, sweep.run_cap - done - states.count("running"))
     stopped = failure_streak(trials, since) is not None
+    if target_reached(study, sweep):
+        remaining = 0  # W&B's metric.target met: the sweep is done
     return {
         "done": done,
         "running": states.count("running"),
@@ -191,6 +193,16 @@ def totals(study: optuna.Study, sweep: SF.Sweep) -> dict[str, int]:
         "given_up": remaining if stopped else 0,
         "cells": sweep.run_cap,
     }
+
+
+def target_reached(study: optuna.Study, sweep: SF.Sweep) -> bool:
+    """W&B's metric.target: a completed trial at or beyond it ends the sweep (no new trials)."""
+    if sweep.target is None:
+        return False
+    values = [t.value for t in study.get_trials(deepcopy=False) if t.value is not None]
+    if sweep.goal == "minimize":
+        return any(v <= sweep.target for v in values)
+    return any(v >= sweep.target for v in values)
 
 
 def failure_streak(trials: list, since: int = 0) -> str | None:

@@ -111,6 +111,7 @@ class Sweep:
     selection: dict[str, Any] | None = None
     raw: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # keys accepted and ignored, and why
+    target: float | None = None  # W&B's metric.target: no new trial once a trial reaches it
 
     @property
     def base(self) -> dict[str, Any]:
@@ -352,7 +353,10 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
     metric = raw.get("metric", {"name": "val/error", "goal": "minimize"})
     if not isinstance(metric, dict):
         raise _err(f"metric: expected a mapping with name and goal, got {metric!r}")
-    _check_keys("metric", metric, ("name", "goal"))
+    _check_keys("metric", metric, ("name", "goal", "target"))
+    target = metric.get("target")
+    if target is not None and (not isinstance(target, int | float) or isinstance(target, bool)):
+        raise _err(f"metric.target={target!r} must be a number")
     if metric.get("name", "val/error") not in METRICS:
         raise _err(
             f"metric.name={metric.get('name')!r} is not one of the valid values: "
@@ -437,6 +441,7 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
         selection=selection,
         raw={**raw, "parameters": params_raw},
         notes=notes,
+        target=None if target is None else float(target),
     )
     if (
         params.get("data.val_size")

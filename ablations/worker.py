@@ -91,6 +91,8 @@ def claim(
         trials = study.get_trials(deepcopy=False)
         if limit is not None and len(trials) >= limit:
             return None
+        if SD.target_reached(study, sweep):
+            return None
         if sweep.method == "grid":
             cells = SD.cell_states(sweep, trials, SD.retry_from(study), SD.skipped(study))
             open_cells = [e for e in cells.values() if e["state"] == "left"]

@@ -115,3 +115,23 @@ def test_bad_study_input_exits_2(tmp_path, in_tmp, capsys):
     assert main(["visualize", "t", "model.variant=base", "--trial", "9"]) == 2
     assert "has no finished trials" in capsys.readouterr().err
     assert tree(in_tmp) == before
+
+
+def test_the_figures_are_logged_as_wandb_images(trained, tmp_path, monkeypatch):
+    """With W&B on (offline here), a `visualize` run holds each figure as an image."""
+    import json
+    import subprocess
+    import sys
+
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    assert main(["visualize", str(trained), "--images", "1", "--wandb", "offline"]) == 0
+    (run_dir,) = (tmp_path / "wb").glob("**/offline-run-*")
+    wandb = Path(sys.executable).parent / "wandb"
+    out = subprocess.run(
+        [str(wandb), "leet", "inspect", "--summary", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    doc = json.loads(out.stdout)
+    assert doc["summary"]["maps"]["_type"] == "image-file"

@@ -265,3 +265,21 @@ def test_wandb_project_from_the_environment_lands_in_the_run_files(tmp_path, in_
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
     run = next(r["run"] for r in records if r["type"] == "run")
     assert run["project"] == "from-env"
+
+
+def test_metric_target_ends_a_random_sweep_once_reached(tmp_path, in_tmp):
+    """W&B's `metric.target`: no new trial once one reaches it (every val/error <= 100)."""
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        method="random",
+        run_cap=5,
+        metric={"name": "val/error", "goal": "minimize", "target": 100},
+        parameters={
+            "model.variant": {"value": "all-cnn"},
+            "train.lr": {"distribution": "log_uniform_values", "min": 0.001, "max": 0.1},
+        },
+    )
+    run_worker(file)
+    assert [t.user_attrs["state"] for t in load().get_trials()] == ["complete"]
+    with pytest.raises(SF.SweepError, match="metric.target='low' must be a number"):
+        SF.parse({**yaml.safe_load(file.read_text()), "metric": {"target": "low"}})
