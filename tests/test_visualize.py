@@ -117,14 +117,26 @@ def test_bad_study_input_exits_2(tmp_path, in_tmp, capsys):
     assert tree(in_tmp) == before
 
 
-def test_the_figures_are_logged_as_wandb_images(trained, tmp_path, monkeypatch):
-    """With W&B on (offline here), a `visualize` run holds each figure as an image."""
+def test_the_figures_are_logged_as_wandb_images(trained, tmp_path):
+    """With W&B on (offline here), a `visualize` run holds each figure as an image. In a
+    process of its own, as the command runs: W&B keeps per-process state that broke a later
+    test's offline run when this ran in the test process."""
     import json
+    import os
     import subprocess
     import sys
 
-    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
-    assert main(["visualize", str(trained), "--images", "1", "--wandb", "offline"]) == 0
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "WANDB_DIR": str(tmp_path / "wb")}
+    done = subprocess.run(
+        [sys.executable, "-m", "ablations.cli", "visualize", str(trained), "--images", "1"]
+        + ["--wandb", "offline"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
     (run_dir,) = (tmp_path / "wb").glob("**/offline-run-*")
     wandb = Path(sys.executable).parent / "wandb"
     out = subprocess.run(
