@@ -127,7 +127,8 @@ def test_the_figures_are_logged_as_wandb_images(trained, tmp_path):
     import sys
 
     root = Path(__file__).resolve().parents[1]
-    env = {**os.environ, "PYTHONPATH": str(root), "WANDB_DIR": str(tmp_path / "wb")}
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env = {**clean, "PYTHONPATH": str(root), "WANDB_DIR": str(tmp_path / "wb")}
     done = subprocess.run(
         [sys.executable, "-m", "ablations.cli", "visualize", str(trained), "--images", "1"]
         + ["--wandb", "offline"],
@@ -144,6 +145,7 @@ def test_the_figures_are_logged_as_wandb_images(trained, tmp_path):
         capture_output=True,
         text=True,
         timeout=60,
+        env=clean,
     )
     doc = json.loads(out.stdout)
     assert doc["summary"]["maps"]["_type"] == "image-file"

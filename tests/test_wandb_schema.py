@@ -246,14 +246,18 @@ def test_three_corpus_files_run_for_real(name, in_tmp):
     assert study.metric_names == [sweep.metric]
 
 
-def test_wandb_project_from_the_environment_lands_in_the_run_files(tmp_path, in_tmp, monkeypatch):
-    monkeypatch.setenv("WANDB_PROJECT", "from-env")
-    monkeypatch.delenv("WANDB_DIR", raising=False)
+def test_wandb_project_from_the_environment_lands_in_the_run_files(tmp_path, in_tmp):
+    """`WANDB_PROJECT=from-env ablate sweep FILE`: the trial's offline run file says so. The
+    sweep runs in processes of its own, as a user runs it: a second W&B run made inside the
+    test process (after another test's) wrote no run record."""
     file = write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"}})
-    raw = yaml.safe_load(file.read_text())
-    raw.pop("project", None)
-    file.write_text(yaml.safe_dump(raw))
-    run_worker(file, wandb="offline")
+    # no WANDB_* from this process: an in-process W&B run of an earlier test leaves some set
+    # (then `wandb leet inspect` looked for a latest-run link inside the run folder)
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    env["WANDB_PROJECT"] = "from-env"
+    cmd = [sys.executable, "-m", "ablations.cli", "sweep", str(file), "--wandb", "offline"]
+    done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-2000:]
     (run_dir,) = Path("runs/t/trials").glob("*/wandb/offline-run-*")
     wandb = Path(sys.executable).parent / "wandb"
     out = subprocess.run(
@@ -261,10 +265,12 @@ def test_wandb_project_from_the_environment_lands_in_the_run_files(tmp_path, in_
         capture_output=True,
         text=True,
         timeout=60,
+        env={k: v for k, v in env.items() if k != "WANDB_PROJECT"},
     )
     records = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    run = next(r["run"] for r in records if r["type"] == "run")
-    assert run["project"] == "from-env"
+    runs = [r["run"] for r in records if r["type"] == "run"]
+    assert runs, (out.stdout[-3000:], out.stderr[-2000:])
+    assert runs[0]["project"] == "from-env"
 
 
 def test_metric_target_ends_a_random_sweep_once_reached(tmp_path, in_tmp):
