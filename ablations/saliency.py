@@ -166,6 +166,16 @@ def _image(ax, img: torch.Tensor, title: str | None = None) -> None:
         ax.set_title(title, fontsize=7)
 
 
+def _save(plt, fig, caption: str, paths: list[Path]) -> str:
+    """The caption on top, each file written, the figure closed."""
+    fig.suptitle(caption, fontsize=7, wrap=True)
+    fig.tight_layout()
+    for path in paths:
+        fig.savefig(path, dpi=150)
+    plt.close(fig)
+    return caption
+
+
 def maps_figure(models: list[Loaded], indices: list[int], paths: list[Path]) -> str:
     from ablations.export import _pyplot
 
@@ -197,12 +207,7 @@ def maps_figure(models: list[Loaded], indices: list[int], paths: list[Path]) -> 
         f"Maps for the predicted class: {', '.join(METHODS)}. Models: "
         f"{'; '.join(m.label for m in models)}. Test images {', '.join(map(str, indices))}."
     )
-    fig.suptitle(caption, fontsize=7, wrap=True)
-    fig.tight_layout()
-    for path in paths:
-        fig.savefig(path, dpi=150)
-    plt.close(fig)
-    return caption
+    return _save(plt, fig, caption, paths)
 
 
 def layer_figure(models: list[Loaded], layer: str, units: int, pool: int, paths: list[Path]) -> str:
@@ -231,9 +236,4 @@ def layer_figure(models: list[Loaded], layer: str, units: int, pool: int, paths:
         f"the image that drives each hardest and its guided-backpropagation reconstruction. "
         f"Models: {'; '.join(m.label for m in models)}."
     )
-    fig.suptitle(caption, fontsize=7, wrap=True)
-    fig.tight_layout()
-    for p in paths:
-        fig.savefig(p, dpi=150)
-    plt.close(fig)
-    return caption
+    return _save(plt, fig, caption, paths)

@@ -18,7 +18,6 @@ so): the network is copied with every ReLU made out-of-place before any attribut
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -119,27 +118,16 @@ def cmd_visualize(args: argparse.Namespace) -> int:
 def _log_wandb(mode: str | None, group: str | None, out_dir: Path, images: list[Path]) -> None:
     from ablations import wandb_log
 
-    mode = mode or wandb_log.default_mode()
-    if mode == "disabled":
-        return
-    try:
-        import wandb
-
-        where = wandb_log.target(None, None, out_dir)
-        run = wandb.init(
-            project=where["project"],
-            entity=where["entity"],
-            group=group,
-            job_type="visualize",
-            name=f"{group or out_dir.parent.name}-visualize",
-            dir=str(where["save_dir"]),
-            mode=mode,
-            reinit="create_new",
-        )
-        run.log({p.stem: wandb.Image(str(p)) for p in images})
-        run.finish()
-    except Exception as err:  # the figures are on disk whatever W&B does
-        print(f"W&B visualize run failed (the figures are written): {err}", file=sys.stderr)
+    wandb_log.log_table(
+        mode or wandb_log.default_mode(),
+        study=group or out_dir.parent.name,
+        project=None,
+        entity=None,
+        save_dir=out_dir,
+        tables={},
+        images={p.stem: p for p in images},
+        job_type="visualize",
+    )
 
 
 def register_cli(sub: argparse._SubParsersAction) -> None:

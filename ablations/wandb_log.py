@@ -119,8 +119,10 @@ def log_table(
     save_dir: Path,
     tables: dict[str, Any],
     images: dict[str, Path] | None = None,
+    job_type: str = "ablation-table",
 ) -> str | None:
-    """The sweep's closing `ablation-table` run: DataFrames as wandb.Tables, plus figures."""
+    """One run of tables and figures in the study's group: the sweep's closing
+    `ablation-table` run (DataFrames as wandb.Tables), or `ablate visualize`'s figures."""
     if mode == "disabled":
         return None
     try:
@@ -131,8 +133,8 @@ def log_table(
             project=where["project"],
             entity=where["entity"],
             group=study,
-            job_type="ablation-table",
-            name=f"{study}-ablation-table",
+            job_type=job_type,
+            name=f"{study}-{job_type}",
             dir=str(where["save_dir"]),
             mode=mode,
             reinit="create_new",
@@ -146,5 +148,5 @@ def log_table(
         run.finish()
         return run_id
     except Exception as err:
-        log.warning("W&B ablation-table run failed (the study is unaffected): %s", err)
+        log.warning("W&B %s run failed (the study is unaffected): %s", job_type, err)
         return None
