@@ -208,6 +208,18 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"ablate {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except OSError as err:
+        from ablations.storage import machine_fault
+
+        fault = machine_fault(err)
+        if fault is None:
+            raise
+        # a read-only or full disk is the machine's state, not a bug: one line, not a traceback
+        where = f" {fault.filename}" if fault.filename else ""
+        print(
+            f"ablate {args.command}: error: cannot write{where}: {fault.strerror}", file=sys.stderr
+        )
+        return EXIT_BAD_INPUT
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -237,6 +238,7 @@ def launch(args: argparse.Namespace) -> int:
         limit = len(study.get_trials(deepcopy=False)) + args.max_trials
     status_dir = runs_dir / "workers"
     status_dir.mkdir(parents=True, exist_ok=True)
+    snapshot = SF.write_snapshot(sweep, runs_dir / "sweep.yaml", args.file)
     procs = []
     for i, (devices, threads) in enumerate(plan):
         env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
@@ -248,7 +250,7 @@ def launch(args: argparse.Namespace) -> int:
             sys.executable,
             "-m",
             "ablations.worker",
-            args.file,
+            str(snapshot),
             "--study",
             study_name,
             "--runs-dir",
@@ -271,7 +273,7 @@ def launch(args: argparse.Namespace) -> int:
         with open(log_path, "a") as log_file:
             procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
     t0 = time.time()
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = {n: signal.signal(n, _terminated) for n in ST.stop_signals()}
     try:
         _watch(study, sweep, procs, status_dir, t0)
     except KeyboardInterrupt:
@@ -280,7 +282,8 @@ def launch(args: argparse.Namespace) -> int:
         return 130
     finally:
         stop_workers(procs, quiet=True)  # whatever happened above, no worker outlives us
-        signal.signal(signal.SIGTERM, previous)
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
     return _close(study, sweep, procs, before, t0, url, wandb_mode, runs_dir)
 
 
@@ -332,6 +335,12 @@ def _close(
     """The closing lines, exports and exit code: 0 only when every cell (or trial) ran."""
     codes = [p.returncode for p in procs]
     name = study.study_name
+    for i, code in enumerate(codes):
+        if code:  # the worker's last line is its reason (storage lost, disk full, ...)
+            print(
+                f"worker {i} exited {code}: {_last_line(runs_dir / 'logs' / f'worker-{i}.log')}",
+                file=sys.stderr,
+            )
     try:
         final = SD.totals(study, sweep)
     except Exception as err:  # the storage is gone: the workers said so in their logs
@@ -350,6 +359,18 @@ def _close(
     if final["done"] > before["done"]:
         _closing_table(study, sweep, wandb_mode, runs_dir)
     return 1 if any(codes) or problems else 0
+
+
+def _last_line(log: Path) -> str:
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [x for x in f.read().decode(errors="replace").splitlines() if x.strip()]
+    except OSError as err:
+        return f"(its log {log} cannot be read: {err.strerror})"
+    if not lines:
+        return f"(nothing in {log})"
+    return ST.describe_url(re.sub(r"^worker \d+: ", "", lines[-1].strip()))
 
 
 def _print_errors(study: optuna.Study, sweep: SF.Sweep) -> None:

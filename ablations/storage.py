@@ -4,10 +4,12 @@ and the liveness stamps that let a worker tell a dead trial from a slow one."""
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import json
 import os
 import re
+import signal
 import socket
 import sys
 import threading
@@ -38,6 +40,20 @@ optuna.logging.set_verbosity(optuna.logging.WARNING)
 STORAGE_ENV = "ALLCONV_STORAGE_URL"
 
 
+# errors that say where the run writes is unusable (full, over quota, read-only, not ours):
+# the trial is interrupted and the worker stops, rather than failing every cell in turn
+MACHINE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM}
+
+
+def machine_fault(err: BaseException | None) -> OSError | None:
+    """The OSError of a full or unwritable disk in err or its causes, else None."""
+    while err is not None:
+        if isinstance(err, OSError) and err.errno in MACHINE_ERRNOS:
+            return err
+        err = err.__cause__ or err.__context__
+    return None
+
+
 def default_url(study: str, root: Path = Path("runs")) -> str:
     return str(root / study / "optuna.journal")
 
@@ -48,10 +64,9 @@ def is_rdb(url: str) -> bool:
 
 def describe_url(url: str) -> str:
     """The URL without its password (user:PASSWORD@ or ?password=...), for messages."""
-    parts = urlsplit(url)
-    if parts.password:
-        url = url.replace(f":{parts.password}@", ":***@")
-    return re.sub(r"(?i)([?&]password=)[^&]*", r"\1***", url)
+    # a regex, not urlsplit: it also masks a URL inside a longer string (--storage=URL)
+    url = re.sub(r"(://[^:/@\s]*:)[^\s]*@", r"\1***@", url)
+    return re.sub(r"(?i)([?&]password=)[^&\s]*", r"\1***", url)
 
 
 def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStorage:
@@ -90,7 +105,72 @@ def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStora
             repair_journal(path)
         except OSError as err:  # read-only, say: Optuna still reads up to a torn last line
             print(f"storage {path}: could not repair it: {err}", file=sys.stderr)
-    return JournalStorage(JournalFileBackend(str(path)))
+    return JournalStorage(SafeJournalBackend(str(path)))
+
+
+class JournalLost(OSError):
+    """The journal vanished or became unreadable under a running sweep (a storage error)."""
+
+
+class SafeJournalBackend(JournalFileBackend):
+    """Optuna's journal file, written so that no record can be torn or orphaned.
+
+    Optuna appends with `open(path, "ab")`: a journal deleted mid-sweep is silently
+    recreated holding only the operations that follow (trial ids nobody created), and a
+    write cut short (a full disk) leaves a partial line that the next append glues onto, so
+    Optuna can no longer read the study. Here, under Optuna's own lock: the journal must
+    still exist; a torn tail left by a killed writer is moved to `<journal>.torn` before
+    writing; a failed write is cut back to the size it had, so the journal ends on a whole
+    record. A read that meets a damaged record raises JournalLost instead of ValueError."""
+
+    def append_logs(self, logs: list[dict]) -> None:
+        from optuna.storages.journal._file import get_lock_file  # Optuna's lock, not a copy
+
+        data = ("\n".join(json.dumps(log, separators=(",", ":")) for log in logs) + "\n").encode()
+        path = Path(self._file_path)
+        with get_lock_file(self._lock):
+            if not path.exists():  # "ab", as Optuna opens it, would recreate a deleted journal
+                raise JournalLost(f"journal {path} was deleted while the sweep ran")
+            with open(path, "r+b") as f:
+                size = f.seek(0, os.SEEK_END)
+                if size:
+                    size = _cut_torn_tail(f, path, size)
+                try:
+                    f.write(data)
+                    f.flush()
+                    os.fsync(f.fileno())
+                except OSError:
+                    f.truncate(size)  # frees what was written: the journal ends on a record
+                    raise
+
+    def read_logs(self, log_number_from: int) -> Iterator[dict]:
+        try:
+            yield from super().read_logs(log_number_from)
+        except FileNotFoundError:
+            raise JournalLost(
+                f"journal {self._file_path} was deleted while the sweep ran"
+            ) from None
+        except ValueError as err:  # a damaged record in the middle
+            raise JournalLost(
+                f"journal {self._file_path} has a damaged record ({err}); run the same command "
+                "again: it sets the damaged line aside and keeps every complete record"
+            ) from None
+
+
+def _cut_torn_tail(f, path: Path, size: int) -> int:
+    """A journal not ending in a newline ends in a write cut short (its writer was killed):
+    move those bytes to <journal>.torn and cut them off. Returns the new size."""
+    f.seek(max(0, size - 65536))
+    tail = f.read()
+    if tail.endswith(b"\n"):
+        return size
+    keep = tail.rfind(b"\n") + 1  # 0 when no newline in the window: cut the whole window
+    start = size - len(tail) + keep
+    with open(path.with_name(path.name + ".torn"), "ab") as torn:
+        torn.write(tail[keep:] + b"\n")
+    f.truncate(start)
+    f.seek(start)
+    return start
 
 
 def repair_journal(path: Path) -> list[bytes]:
@@ -111,7 +191,14 @@ def repair_journal(path: Path) -> list[bytes]:
         data = path.read_bytes()  # again, under the lock
         good, bad = [], []
         for line in data.splitlines(keepends=True):
-            (good if line.endswith(b"\n") and _is_record(line) else bad).append(line)
+            if line.endswith(b"\n") and _is_record(line):
+                good.append(line)
+                continue
+            # a torn write with the next whole record glued on: keep the record
+            cut = _glued_record(line)
+            bad.append(line[:cut])
+            if cut < len(line):
+                good.append(line[cut:])
         if not bad:
             return []
         with open(path.with_name(path.name + ".torn"), "ab") as torn:
@@ -125,6 +212,20 @@ def repair_journal(path: Path) -> list[bytes]:
         file=sys.stderr,
     )
     return bad
+
+
+def _glued_record(line: bytes) -> int:
+    """Where a whole record glued after a torn one starts in `line`; len(line) if none."""
+    if line.endswith(b"\n"):
+        start = line.find(RECORD_START, 1)
+        while start != -1:
+            if _is_record(line[start:]):
+                return start
+            start = line.find(RECORD_START, start + 1)
+    return len(line)
+
+
+RECORD_START = b'{"op_code":'  # how Optuna writes every journal record
 
 
 def _is_record(line: bytes) -> bool:
@@ -219,6 +320,14 @@ def _engine(url: str):
 
 
 # --- liveness --------------------------------------------------------------------------------
+
+
+def stop_signals() -> list[int]:
+    """The signals that stop a launcher or a worker besides Ctrl-C: SIGTERM (a scheduler's,
+    `kill`), and SIGHUP (the terminal closed) unless it is ignored, as under `nohup`, where
+    the sweep must keep running."""
+    hup = [] if signal.getsignal(signal.SIGHUP) == signal.SIG_IGN else [signal.SIGHUP]
+    return [signal.SIGTERM, *hup]
 
 
 def _start_time(pid: int) -> str | None:

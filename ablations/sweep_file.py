@@ -6,7 +6,9 @@ import hashlib
 import itertools
 import json
 import math
+import os
 import re
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -493,3 +495,14 @@ def load(path: str | Path) -> Sweep:
     except yaml.YAMLError as err:
         raise _err(f"{path}: not valid YAML: {err}") from None
     return parse(raw, str(path))
+
+
+def write_snapshot(sweep: Sweep, path: Path, source: str) -> Path:
+    """The sweep as the launcher read it, for its workers: an edit to the file while the
+    sweep runs changes nothing under it (a later run with the edit is checked afresh)."""
+    text = f"# {source} as read by `ablate sweep` at {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+    text += yaml.safe_dump(sweep.raw, sort_keys=False)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+    return path

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import netrc
 import os
+import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -129,17 +132,18 @@ def log_table(
         import wandb
 
         where = target(project, entity, save_dir)
-        run = wandb.init(
-            project=where["project"],
-            entity=where["entity"],
-            group=study,
-            job_type=job_type,
-            name=f"{study}-{job_type}",
-            dir=str(where["save_dir"]),
-            mode=mode,
-            reinit="create_new",
-            config={"study": study},
-        )
+        with masked_argv():
+            run = wandb.init(
+                project=where["project"],
+                entity=where["entity"],
+                group=study,
+                job_type=job_type,
+                name=f"{study}-{job_type}",
+                dir=str(where["save_dir"]),
+                mode=mode,
+                reinit="create_new",
+                config={"study": study},
+            )
         payload: dict[str, Any] = {k: wandb.Table(dataframe=df) for k, df in tables.items()}
         for key, path in (images or {}).items():
             payload[key] = wandb.Image(str(path))
@@ -150,3 +154,17 @@ def log_table(
     except Exception as err:
         log.warning("W&B %s run failed (the study is unaffected): %s", job_type, err)
         return None
+
+
+@contextlib.contextmanager
+def masked_argv() -> Iterator[None]:
+    """W&B records the program's arguments in every run (uploaded when online); an
+    `ablate sweep --storage postgresql://user:PASSWORD@...` must not put the password there."""
+    from ablations.storage import describe_url
+
+    argv = sys.argv
+    sys.argv = [describe_url(a) for a in argv]
+    try:
+        yield
+    finally:
+        sys.argv = argv

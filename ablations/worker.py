@@ -132,7 +132,7 @@ def run_trial(
     """
     with ST.Heartbeat(ST.storage_of(study), ST.trial_id(trial)):
         try:
-            return _run_trial(
+            state = _run_trial(
                 study,
                 trial,
                 sweep,
@@ -146,6 +146,17 @@ def run_trial(
                 ST.fail_trial(study, trial, "interrupted by a signal", interrupted=True)
                 status.write(state="interrupted")
             raise
+        except OSError as err:  # the machine's fault (disk full, folder read-only), not the cell's
+            with contextlib.suppress(Exception):
+                ST.fail_trial(study, trial, f"{type(err).__name__}: {err}", interrupted=True)
+                status.write(state="interrupted")
+            raise
+        finally:
+            _Signals.held = False
+    if _Signals.pending is not None:  # it waited for the record; now the worker stops
+        _Signals.pending = None
+        raise KeyboardInterrupt
+    return state
 
 
 def _run_trial(
@@ -177,6 +188,10 @@ def _run_trial(
         state="running",
     )
     run_dir = runs_dir / "trials" / f"{trial.number:04d}-{run.run_name(flat)}"
+    for n in range(2, 1000):  # a folder left by a study whose journal was lost: keep it
+        if not run_dir.exists():
+            break
+        run_dir = run_dir.with_name(f"{trial.number:04d}-{run.run_name(flat)}-{n}")
     logger = wandb_log.trial_logger(
         wandb_mode,
         study=study.study_name,
@@ -188,7 +203,7 @@ def _run_trial(
         project=sweep.project,
         entity=sweep.entity,
     )
-    callbacks: list = [status]
+    callbacks: list = [status, HoldSignalsAfterFit()]
     if sweep.hyperband is not None:
         callbacks.append(Pruning(trial, monitor=sweep.metric))
     state, result = "failed", {}
@@ -204,21 +219,51 @@ def _run_trial(
         )
         state = result["state"]
     except Exception as err:
+        if ST.machine_fault(err) is not None:
+            raise ST.machine_fault(err) from err
         result = {"error_message": f"{type(err).__name__}: {err}"}
         traceback.print_exc()
     with signals_held():
         return _record(study, trial, sweep, result, state, logger, status)
 
 
+class _Signals:
+    """SIGINT and SIGTERM in a worker: raise KeyboardInterrupt (a trial in progress is
+    interrupted, not failed), except while held, when they wait until the trial is recorded.
+
+    A flag, not pthread_sigmask: the mask is per thread, and the kernel hands a process's
+    signal to any thread not blocking it (the heartbeat's, torch's), after which Python runs
+    the handler in the main thread all the same."""
+
+    held = False
+    pending: int | None = None
+
+    @classmethod
+    def handler(cls, signum: int, frame: Any) -> None:
+        if cls.held:
+            cls.pending = signum
+            return
+        raise KeyboardInterrupt
+
+
 @contextlib.contextmanager
 def signals_held() -> Iterator[None]:
-    """SIGINT and SIGTERM wait (are delivered on exit) while the block runs."""
-    held = {signal.SIGINT, signal.SIGTERM}
-    old = signal.pthread_sigmask(signal.SIG_BLOCK, held)
+    """Signals that arrive while the block runs wait; run_trial stops the worker after it."""
+    _Signals.held = True
     try:
         yield
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+        _Signals.held = False
+
+
+class HoldSignalsAfterFit(Callback):
+    """From the end of the fit, a signal waits until the trial is recorded: a run that
+    trained to the end is tested, written and told to the study, then the worker stops.
+    (Lightning's own SIGTERM handler still ends its test pass early, and the trial is then
+    interrupted; Ctrl-C, and either signal after the test, wait.)"""
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        _Signals.held = True
 
 
 def _record(
@@ -277,10 +322,6 @@ def _cell_suffix(params: dict[str, Any]) -> str:
 LAUNCHER_ENV = "ALLCONV_LAUNCHER_PID"  # set by the launcher: a worker stops when it is gone
 
 
-def _terminated(signum: int, frame: Any) -> None:
-    raise KeyboardInterrupt  # SIGTERM ends a trial as Ctrl-C does: interrupted, not failed
-
-
 def main(argv: list[str] | None = None) -> int:
     """A worker process: claim, train, record, until the study has nothing left."""
     p = argparse.ArgumentParser(prog="python -m ablations.worker")
@@ -299,10 +340,17 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if not args.storage:
         p.error(f"give --storage or set {ST.STORAGE_ENV}")
-    signal.signal(signal.SIGTERM, _terminated)
+    stops = [signal.SIGINT, *ST.stop_signals()]
+    previous = {n: signal.signal(n, _Signals.handler) for n in stops}
+    try:
+        return _work(args)
+    finally:  # tests run workers inside the pytest process: leave its handlers as they were
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+def _work(args: argparse.Namespace) -> int:
     run.set_threads(args.threads)
-    sweep = SF.load(args.file)
-    study = SD.open_study(sweep, args.storage, args.study, create=False, worker=args.worker)
     status = StatusFile(Path(args.status) if args.status else None, args.worker)
     status.write(
         state="starting", devices=os.environ.get("CUDA_VISIBLE_DEVICES"), threads=args.threads
@@ -310,6 +358,8 @@ def main(argv: list[str] | None = None) -> int:
     runs_dir = Path(args.runs_dir)
     launcher = os.environ.get(LAUNCHER_ENV)
     try:
+        sweep = SF.load(args.file)
+        study = SD.open_study(sweep, args.storage, args.study, create=False, worker=args.worker)
         while True:
             if launcher is not None and str(os.getppid()) != launcher:
                 # the launcher was killed (SIGKILL leaves no time to stop us): finish, but
@@ -338,15 +388,24 @@ def main(argv: list[str] | None = None) -> int:
             f"worker {args.worker}: interrupted; the trial is run again next time", file=sys.stderr
         )
         return 130
+    except SF.SweepError as err:
+        print(f"worker {args.worker}: {err}", file=sys.stderr)
+        return 2
     except Exception as err:
         if not is_storage_error(err):
             raise
         # the study is where results live: without it, stop; the same command resumes
         status.write(state="storage lost")
+        fault = ST.machine_fault(err)
+        what = (
+            f"cannot write: {fault}"
+            if fault is not None and not isinstance(err, ST.JournalLost)
+            else f"storage {ST.describe_url(args.storage)} failed: "
+            f"{type(err).__name__}: {str(err).splitlines()[0]}"
+        )
         print(
-            f"worker {args.worker}: storage {ST.describe_url(args.storage)} failed: "
-            f"{type(err).__name__}: {str(err).splitlines()[0]}; stopping. Run the same "
-            "command again when it is back: finished trials are kept, this one is re-run.",
+            f"worker {args.worker}: {what}; stopping. Run the same command again once that "
+            "is mended: finished trials are kept, this one is re-run.",
             file=sys.stderr,
         )
         return 3

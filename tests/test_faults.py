@@ -3,6 +3,7 @@ storage that is not ours, passwords. Each ends in one clear line, and nothing is
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -410,3 +411,267 @@ def test_a_sweep_with_wandb_disabled_still_writes_its_exports(tmp_path, in_tmp):
     assert out.returncode == 0, out.stderr
     assert (in_tmp / "runs/t/export/summary.csv").is_file()
     assert not list((in_tmp / "runs/t").glob("wandb"))
+
+
+# --- storage and disks under a running sweep -------------------------------------------------
+
+
+@contextlib.contextmanager
+def read_only(path: Path):
+    """path (a folder or a file) unwritable while the block runs. Root ignores permissions,
+    so there a read-only bind mount; elsewhere chmod. Skips where neither can be done."""
+    if os.geteuid() != 0:
+        mode = path.stat().st_mode
+        path.chmod(0o555 if path.is_dir() else 0o444)
+        try:
+            yield
+        finally:
+            path.chmod(mode)
+        return
+    bind = subprocess.run(["mount", "--bind", str(path), str(path)], capture_output=True)
+    if bind.returncode:
+        pytest.skip(f"cannot make {path} read-only here: {bind.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,bind,ro", str(path)], check=True)
+        yield
+    finally:
+        subprocess.run(["umount", str(path)], check=True)
+
+
+@contextlib.contextmanager
+def small_disk(path: Path, size: str):
+    """A tmpfs of `size` mounted at path (root only); skips where it cannot be mounted."""
+    path.mkdir(parents=True, exist_ok=True)
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs to fill needs root")
+    mount = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)], capture_output=True
+    )
+    if mount.returncode:
+        pytest.skip(f"cannot mount a tmpfs here: {mount.stderr.decode().strip()}")
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def fill(disk: Path, leave: int = 0) -> Path:
+    """Fill the filesystem at disk, leaving about `leave` bytes free."""
+    filler = disk / "filler"
+    free = os.statvfs(disk).f_bavail * os.statvfs(disk).f_frsize
+    with open(filler, "wb") as f, contextlib.suppress(OSError):
+        f.write(b"\0" * max(0, free - leave))
+    return filler
+
+
+def one_line_no_traceback(text: str) -> None:
+    assert "Traceback" not in text, text
+
+
+def complete_once(cells: int) -> None:
+    trials = load().get_trials()
+    done = [t.user_attrs["cell"] for t in trials if SD.trial_state(t) == "complete"]
+    assert len(done) == len(set(done)) == cells, done
+
+
+def test_a_read_only_runs_folder_ends_train_sweep_and_export_in_one_line(tmp_path, in_tmp):
+    from tests.test_export import make_study
+
+    make_study(in_tmp)
+    file = write_sweep(tmp_path / "s.yaml")
+    before = tree(in_tmp)
+    runs = in_tmp / "runs"
+    train = [sys.executable, "-m", "ablations.cli", "train", "data.dataset=synthetic", "--quiet"]
+    with read_only(runs):
+        for cmd, message in [
+            (train, "cannot write runs/train"),
+            (sweep_cli(file, workers=1), "runs folder runs cannot be written"),
+            ([sys.executable, "-m", "ablations.cli", "export", "paper"], "cannot write runs/paper"),
+        ]:
+            out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+            assert out.returncode == 2, (cmd, out.stderr)
+            assert message in out.stderr, out.stderr
+            one_line_no_traceback(out.stderr)
+            assert out.stderr.strip().count("\n") == 0, out.stderr
+    assert tree(in_tmp) == before
+
+
+def test_a_read_only_journal_stops_the_sweep_then_it_resumes(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml")
+    cmd = sweep_cli(file, workers=1)
+    assert subprocess.run([*cmd, "--max-trials", "1"], capture_output=True).returncode == 0
+    journal = in_tmp / "runs/t/optuna.journal"
+    content = journal.read_bytes()
+    with read_only(journal):
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 2, out.stderr
+    assert "cannot write runs/t/optuna.journal" in out.stderr
+    one_line_no_traceback(out.stderr)
+    assert journal.read_bytes() == content
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    complete_once(2)
+
+
+def test_a_journal_deleted_mid_sweep_is_not_recreated(tmp_path, in_tmp):
+    """Optuna appends with open(path, "ab"): a deleted journal came back holding only the
+    operations after the deletion, and every reader died with JSONDecodeError."""
+    params = {**SLOW_CELLS, "train.epochs": {"value": 2}, "seed": {"values": [0, 1]}}
+    file = write_sweep(tmp_path / "s.yaml", parameters=params)
+    cmd = sweep_cli(file, workers=2)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running_trials()
+    deadline = time.time() + 120
+    while not list(in_tmp.glob("runs/t/trials/*/settings.yaml")) and time.time() < deadline:
+        time.sleep(0.1)  # a trial is training in its folder
+    journal = in_tmp / "runs/t/optuna.journal"
+    journal.unlink()
+    _, err = proc.communicate(timeout=300)
+    assert proc.returncode != 0
+    assert "was deleted while the sweep ran" in err, err
+    one_line_no_traceback(err)
+    for log in (in_tmp / "runs/t/logs").glob("*.log"):
+        one_line_no_traceback(log.read_text())
+    assert not journal.exists()
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)  # a new study
+    assert out.returncode == 0, out.stderr
+    complete_once(4)
+    folders = sorted(p.name for p in (in_tmp / "runs/t/trials").iterdir())
+    assert len(folders) == len(set(folders)) and any(f.endswith("-2") for f in folders)
+
+
+def test_a_full_disk_loses_no_finished_trial_and_the_rerun_finishes(tmp_path, in_tmp):
+    """The runs folder on a small tmpfs, filled while the sweep runs: one clear line, the
+    journal still readable with the finished trial, and after space is freed the same
+    command finishes every cell once."""
+    params = {**SLOW_CELLS, "train.epochs": {"value": 1}, "seed": {"values": [0, 1]}}
+    file = write_sweep(tmp_path / "s.yaml", parameters=params)
+    cmd = sweep_cli(file, workers=1)
+    with small_disk(in_tmp / "runs", "20m") as disk:
+        first = subprocess.run([*cmd, "--max-trials", "1"], capture_output=True, text=True)
+        assert first.returncode == 0, first.stderr
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        running_trials()
+        filler = fill(disk)
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode != 0, out
+        assert "No space left on device" in err, err
+        one_line_no_traceback(err)
+        filler.unlink()
+        status = subprocess.run(
+            [sys.executable, "-m", "ablations.cli", "status", "t"], capture_output=True, text=True
+        )
+        assert status.returncode == 0, status.stderr
+        assert [SD.trial_state(t) for t in load().get_trials()][0] == "complete"
+        again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+        assert again.returncode == 0, again.stderr
+        complete_once(4)
+
+
+def test_a_failed_append_is_cut_back_and_a_torn_tail_set_aside(tmp_path, monkeypatch):
+    """Below the sweep: a write that fails half-way leaves the journal as it was, and a torn
+    tail left by a killed writer is moved to <journal>.torn before the next record."""
+    path = tmp_path / "j.journal"
+    storage = ST.open_storage(str(path), create=True)
+    optuna.create_study(study_name="a", storage=storage)
+    size = path.stat().st_size
+
+    class DiskFull:
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, data):
+            self.f.write(data[:7])  # part of the record reaches the file, then ENOSPC
+            self.f.flush()
+            raise OSError(28, "No space left on device")
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+    monkeypatch.setattr(ST, "open", lambda p, mode="r": DiskFull(open(p, mode)), raising=False)  # noqa: SIM115
+    with pytest.raises(OSError, match="No space"):
+        optuna.load_study(study_name="a", storage=storage).set_user_attr("lost", 1)
+    monkeypatch.undo()
+    assert path.stat().st_size == size
+    with open(path, "ab") as f:
+        f.write(b'{"op_code":5,"worker_id":"w","tri')  # a writer killed mid-record
+    optuna.load_study(study_name="a", storage=storage).set_user_attr("after", 1)
+    again = optuna.load_study(study_name="a", storage=ST.open_storage(str(path)))
+    assert again.user_attrs == {"after": 1}
+    assert path.with_name("j.journal.torn").read_bytes() == b'{"op_code":5,"worker_id":"w","tri\n'
+
+
+def test_a_sweep_file_edited_under_a_running_sweep_changes_nothing_under_it(tmp_path, in_tmp):
+    """Workers read the launcher's snapshot (runs/<study>/sweep.yaml), not the file; the
+    edited file is then checked against the study on the next run."""
+    params = {**SLOW_CELLS, "train.epochs": {"value": 2}, "seed": {"values": [0, 1]}}
+    file = write_sweep(tmp_path / "s.yaml", parameters=params)
+    cmd = sweep_cli(file, workers=2)
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    running_trials()
+    write_sweep(file, parameters={**params, "seed": {"values": [0, 1, 2]}})
+    out, err = proc.communicate(timeout=600)
+    assert proc.returncode == 0, err
+    assert "4/4 done" in out
+    complete_once(4)
+    assert (in_tmp / "runs/t/sweep.yaml").is_file()
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert again.returncode == 2
+    assert "was made from a different sweep definition (differs in: parameters)" in again.stderr
+    one_line_no_traceback(again.stderr)
+
+
+def test_a_second_ctrl_c_stops_the_workers_without_a_traceback(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml", parameters=SLOW_CELLS)
+    proc = subprocess.Popen(
+        sweep_cli(file, workers=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    pids = [t.user_attrs["worker.pid"] for t in running_trials()]
+    proc.send_signal(signal.SIGINT)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    one_line_no_traceback(err)
+    assert not any(alive(pid) for pid in pids)
+    states = [SD.trial_state(t) for t in load().get_trials()]
+    assert "failed" not in states
+
+
+def test_sighup_the_terminal_closing_stops_the_sweep_like_sigterm(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml", parameters=SLOW_CELLS)
+    proc = subprocess.Popen(
+        sweep_cli(file, workers=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    pids = [t.user_attrs["worker.pid"] for t in running_trials()]
+    proc.send_signal(signal.SIGHUP)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "interrupted: run the same command again to continue" in err
+    one_line_no_traceback(err)
+    assert not any(alive(pid) for pid in pids)
+    assert [SD.trial_state(t) for t in load().get_trials()] == ["interrupted"]
+
+
+def test_a_signal_after_training_before_the_record_keeps_the_run(tmp_path, in_tmp):
+    """SIGTERM the moment a trial's result.yaml is written (training over, study not yet
+    told): the trial is recorded complete, then the worker stops."""
+    params = {**SLOW_CELLS, "train.epochs": {"value": 1}, "seed": {"values": [0, 1]}}
+    file = write_sweep(tmp_path / "s.yaml", parameters=params)
+    proc = subprocess.Popen(
+        sweep_cli(file, workers=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 300
+    while not list(in_tmp.glob("runs/t/trials/*/result.yaml")) and time.time() < deadline:
+        time.sleep(0.02)
+    (trial,) = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
+    os.kill(trial.user_attrs["worker.pid"], signal.SIGTERM)
+    proc.communicate(timeout=120)
+    first = load().get_trials()[0]
+    assert SD.trial_state(first) == "complete", first.user_attrs.get("error_message")

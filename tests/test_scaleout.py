@@ -324,3 +324,39 @@ def run_worker_at(file, url):
     from tests.test_sweeps import run_worker
 
     run_worker(file, storage=url)
+
+
+def test_the_database_password_is_in_no_file_output_or_worker_argv(tmp_path, in_tmp, postgres):
+    """A sweep on PostgreSQL with W&B offline: the password is in no file the sweep writes
+    (W&B run files included: W&B records the program's arguments), not in its output, and
+    not in any worker's command line while it runs. (This test server trusts every login, so
+    any password connects.)"""
+    secret = "Pw-Secret-4711"
+    postgres.create_db("pw")
+    url = f"postgresql://postgres:{secret}@127.0.0.1:{postgres.port}/pw"
+    file = write_sweep(tmp_path / "s.yaml")
+    cmd = [*sweep_cmd(file, url, workers=2)]
+    cmd[cmd.index("disabled")] = "offline"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "WANDB_SILENT": "true"}
+    )
+    seen_workers = 0
+    while proc.poll() is None:
+        for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+            try:
+                argv = cmdline.read_bytes()
+            except OSError:
+                continue
+            if b"ablations.worker" in argv:
+                seen_workers += 1
+                assert secret.encode() not in argv
+        time.sleep(0.2)
+    out, err = proc.communicate()
+    assert proc.returncode == 0, err.decode()
+    assert seen_workers
+    assert secret.encode() not in out + err
+    written = [p for p in in_tmp.rglob("*") if p.is_file()]
+    assert any(p.suffix == ".wandb" for p in written), "W&B wrote no run files"
+    leaks = [str(p) for p in written if secret.encode() in p.read_bytes()]
+    assert not leaks, leaks
