@@ -271,6 +271,11 @@ def find(name: str | None, url: str | None, runs_dir: Path) -> tuple[optuna.Stud
 
 def stored_sweep(study: optuna.Study) -> SF.Sweep:
     """The sweep a study was made from, rebuilt from its stored definition."""
+    if DEFINITION_ATTR not in study.user_attrs:
+        raise SF.SweepError(
+            f"study {study.study_name!r} was not made by `ablate sweep` (it has no stored "
+            "sweep definition); status, export and visualize read only such studies"
+        )
     definition = {k: v for k, v in study.user_attrs[DEFINITION_ATTR].items() if v is not None}
     return SF.parse(
         {

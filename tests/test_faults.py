@@ -17,6 +17,7 @@ import pytest
 from ablations import launcher
 from ablations import storage as ST
 from ablations import study as SD
+from ablations import sweep_file as SF
 from ablations.cli import main
 from tests.conftest import tree
 from tests.test_sweeps import FAST, load, run_worker, sweep_cli, write_sweep
@@ -675,3 +676,20 @@ def test_a_signal_after_training_before_the_record_keeps_the_run(tmp_path, in_tm
     proc.communicate(timeout=120)
     first = load().get_trials()[0]
     assert SD.trial_state(first) == "complete", first.user_attrs.get("error_message")
+
+
+def test_export_and_status_of_a_study_with_no_trials_or_not_ours(tmp_path, in_tmp, capsys):
+    file = write_sweep(tmp_path / "s.yaml")
+    SD.open_study(SF.load(file), ST.default_url("t"), "t", create=True)  # made, nothing run
+    optuna.create_study(
+        study_name="foreign", storage=ST.open_storage(ST.default_url("foreign"), create=True)
+    )
+    before = tree(in_tmp)
+    assert main(["status", "t"]) == 0
+    assert main(["export", "t"]) == 2
+    assert "no trials" in capsys.readouterr().err
+    for cmd in ("status", "export"):
+        assert main([cmd, "foreign"]) == 2
+        err = capsys.readouterr().err
+        assert "was not made by `ablate sweep`" in err and err.count("\n") == 1
+    assert tree(in_tmp) == before
