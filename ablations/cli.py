@@ -208,6 +208,9 @@ def main(argv: list[str] | None = None) -> int:
     except _user_errors() as err:
         print(f"ablate {args.command}: error: {err}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except KeyboardInterrupt:  # Ctrl-C outside a sweep's workers (start-up, export, train)
+        print(f"ablate {args.command}: interrupted", file=sys.stderr)
+        return 130
     except OSError as err:
         from ablations.storage import machine_fault
 

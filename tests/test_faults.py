@@ -693,3 +693,17 @@ def test_export_and_status_of_a_study_with_no_trials_or_not_ours(tmp_path, in_tm
         err = capsys.readouterr().err
         assert "was not made by `ablate sweep`" in err and err.count("\n") == 1
     assert tree(in_tmp) == before
+
+
+def test_ctrl_c_while_a_sweep_starts_ends_without_a_traceback(tmp_path, in_tmp):
+    file = write_sweep(tmp_path / "s.yaml")
+    proc = subprocess.Popen(
+        sweep_cli(file, workers=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.time() + 60
+    while not Path("runs").exists() and time.time() < deadline:  # preflight has begun
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    one_line_no_traceback(err)
