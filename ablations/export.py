@@ -1025,7 +1025,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         "under runs/<study>/export/ (or --out), atomically.",
     )
     p.add_argument("study", nargs="?", help="study name (optional if there is only one)")
-    p.add_argument("--storage", help="Optuna storage URL (default runs/<study>/optuna.journal)")
+    ST.add_storage_flag(p)
     p.add_argument("--out", help="output folder (default runs/<study>/export)")
     p.add_argument(
         "--format", default=",".join(FORMATS), help=f"comma-separated, from {','.join(FORMATS)}"

@@ -505,7 +505,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("file", help="sweep file (W&B sweep schema), e.g. sweeps/quickstart.yaml")
     p.add_argument("--study", help="study name (default: the file's name)")
-    p.add_argument("--storage", help="Optuna storage URL (default runs/<study>/optuna.journal)")
+    ST.add_storage_flag(p)
     p.add_argument("--workers", type=int, default=1, help="CPU worker processes")
     p.add_argument(
         "--devices", default=None, help="auto or a GPU list (0,1,...): one worker per GPU"

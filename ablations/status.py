@@ -96,7 +96,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("status", help="a study's totals and its cells by state")
     p.add_argument("study", nargs="?")
-    p.add_argument("--storage")
+    ST.add_storage_flag(p)
     p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_status)
 
@@ -106,7 +106,7 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         description="Serve optuna-dashboard for the study on http://127.0.0.1:PORT.",
     )
     p.add_argument("study", nargs="?")
-    p.add_argument("--storage")
+    ST.add_storage_flag(p)
     p.add_argument("--port", type=int, default=8080)
     p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_dashboard)

@@ -54,6 +54,17 @@ def machine_fault(err: BaseException | None) -> OSError | None:
     return None
 
 
+def add_storage_flag(parser) -> None:
+    """`--storage URL`, else ALLCONV_STORAGE_URL: a URL with a password given in the
+    environment stays out of the command line, which `ps` shows to every user."""
+    parser.add_argument(
+        "--storage",
+        default=os.environ.get(STORAGE_ENV) or None,
+        help=f"Optuna storage URL, else ${STORAGE_ENV} (keeps a database password out of "
+        "`ps`), else runs/<study>/optuna.journal",
+    )
+
+
 def default_url(study: str, root: Path = Path("runs")) -> str:
     return str(root / study / "optuna.journal")
 

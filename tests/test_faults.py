@@ -638,7 +638,12 @@ def test_ctrl_c_twice_or_sighup_stops_the_sweep_without_a_traceback(tmp_path, in
     stops the sweep as SIGTERM does. No traceback, no worker left, nothing failed."""
     file = write_sweep(tmp_path / "s.yaml", parameters=SLOW_CELLS)
     proc = subprocess.Popen(
-        sweep_cli(file, workers=2), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        sweep_cli(file, workers=2),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        # as from a terminal: under nohup (a CI runner, say) SIGHUP is ignored, and stays so
+        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
     )
     pids = [t.user_attrs["worker.pid"] for t in running_trials()]
     for signum in signals:
@@ -661,11 +666,11 @@ def test_a_signal_after_training_before_the_record_keeps_the_run(tmp_path, in_tm
     proc = subprocess.Popen(
         sweep_cli(file, workers=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
+    (trial,) = running_trials()
     deadline = time.time() + 300
     while not list(in_tmp.glob("runs/t/trials/*/result.yaml")) and time.time() < deadline:
-        time.sleep(0.02)
-    (trial,) = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
-    os.kill(trial.user_attrs["worker.pid"], signal.SIGTERM)
+        pass  # no sleep: the window between result.yaml and the record is short
+    os.kill(trial.user_attrs["worker.pid"], signal.SIGTERM)  # the one worker's pid
     proc.communicate(timeout=120)
     first = load().get_trials()[0]
     assert SD.trial_state(first) == "complete", first.user_attrs.get("error_message")

@@ -326,18 +326,25 @@ def run_worker_at(file, url):
     run_worker(file, storage=url)
 
 
-def test_the_database_password_is_in_no_file_output_or_worker_argv(tmp_path, in_tmp, postgres):
+@pytest.mark.parametrize("given", ["flag", "environment"])
+def test_the_database_password_is_in_no_file_output_or_worker_argv(
+    tmp_path, in_tmp, postgres, given
+):
     """A sweep on PostgreSQL with W&B offline: the password is in no file the sweep writes
     (W&B run files included: W&B records the program's arguments), not in its output, and
-    not in any worker's command line while it runs. (This test server trusts every login, so
-    any password connects.)"""
+    not in any worker's command line while it runs; given in ALLCONV_STORAGE_URL instead of
+    --storage, not in the launcher's either. (This test server trusts every login, so any
+    password connects.)"""
     secret = "Pw-Secret-4711"
-    postgres.create_db("pw")
-    url = f"postgresql://postgres:{secret}@127.0.0.1:{postgres.port}/pw"
+    postgres.create_db(f"pw{given}")
+    url = f"postgresql://postgres:{secret}@127.0.0.1:{postgres.port}/pw{given}"
     file = write_sweep(tmp_path / "s.yaml")
-    cmd = [*sweep_cmd(file, url, workers=2)]
-    cmd[cmd.index("disabled")] = "offline"
     env = {k: v for k, v in os.environ.items() if not k.startswith("WANDB_")}
+    if given == "flag":
+        cmd = sweep_cmd(file, url, workers=2)
+    else:
+        cmd, env[ST.STORAGE_ENV] = sweep_cli(file, workers=2), url
+    cmd[cmd.index("disabled")] = "offline"
     proc = subprocess.Popen(
         cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env={**env, "WANDB_SILENT": "true"}
     )
@@ -350,6 +357,8 @@ def test_the_database_password_is_in_no_file_output_or_worker_argv(tmp_path, in_
                 continue
             if b"ablations.worker" in argv:
                 seen_workers += 1
+                assert secret.encode() not in argv
+            if given == "environment" and b"ablations.cli" in argv:
                 assert secret.encode() not in argv
         time.sleep(0.2)
     out, err = proc.communicate()
