@@ -176,7 +176,11 @@ def run_name(settings: dict[str, Any]) -> str:
 def new_run_dir(flat: dict[str, Any], root: Path = Path("runs") / "train") -> Path:
     """`runs/train/<time>-<name>`, made atomically: runs started in the same second get
     `-2`, `-3`, ... instead of sharing (and overwriting) one folder."""
-    stem = f"{time.strftime('%Y%m%d-%H%M%S')}-{run_name(flat)}"
+    return free_dir(root, f"{time.strftime('%Y%m%d-%H%M%S')}-{run_name(flat)}")
+
+
+def free_dir(root: Path, stem: str) -> Path:
+    """`root/stem`, or `stem-2`, `stem-3`, ... if taken, made atomically and returned."""
     root.mkdir(parents=True, exist_ok=True)
     for n in range(1, 1000):
         path = root / (stem if n == 1 else f"{stem}-{n}")

@@ -122,6 +122,10 @@ def open_storage(url: str, *, create: bool = False) -> optuna.storages.BaseStora
 class JournalLost(OSError):
     """The journal vanished or became unreadable under a running sweep (a storage error)."""
 
+    @classmethod
+    def deleted(cls, path: str | Path) -> JournalLost:
+        return cls(f"journal {path} was deleted while the sweep ran")
+
 
 class SafeJournalBackend(JournalFileBackend):
     """Optuna's journal file, written so that no record can be torn or orphaned.
@@ -141,7 +145,7 @@ class SafeJournalBackend(JournalFileBackend):
         path = Path(self._file_path)
         with get_lock_file(self._lock):
             if not path.exists():  # "ab", as Optuna opens it, would recreate a deleted journal
-                raise JournalLost(f"journal {path} was deleted while the sweep ran")
+                raise JournalLost.deleted(path)
             with open(path, "r+b") as f:
                 size = f.seek(0, os.SEEK_END)
                 if size:
@@ -158,9 +162,7 @@ class SafeJournalBackend(JournalFileBackend):
         try:
             yield from super().read_logs(log_number_from)
         except FileNotFoundError:
-            raise JournalLost(
-                f"journal {self._file_path} was deleted while the sweep ran"
-            ) from None
+            raise JournalLost.deleted(self._file_path) from None
         except ValueError as err:  # a damaged record in the middle
             raise JournalLost(
                 f"journal {self._file_path} has a damaged record ({err}); run the same command "

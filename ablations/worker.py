@@ -187,11 +187,8 @@ def _run_trial(
         val_error=None,
         state="running",
     )
-    run_dir = runs_dir / "trials" / f"{trial.number:04d}-{run.run_name(flat)}"
-    for n in range(2, 1000):  # a folder left by a study whose journal was lost: keep it
-        if not run_dir.exists():
-            break
-        run_dir = run_dir.with_name(f"{trial.number:04d}-{run.run_name(flat)}-{n}")
+    # a folder left by a study whose journal was lost is kept: this trial gets `-2`
+    run_dir = run.free_dir(runs_dir / "trials", f"{trial.number:04d}-{run.run_name(flat)}")
     logger = wandb_log.trial_logger(
         wandb_mode,
         study=study.study_name,
@@ -219,8 +216,9 @@ def _run_trial(
         )
         state = result["state"]
     except Exception as err:
-        if ST.machine_fault(err) is not None:
-            raise ST.machine_fault(err) from err
+        fault = ST.machine_fault(err)
+        if fault is not None:
+            raise fault from err
         result = {"error_message": f"{type(err).__name__}: {err}"}
         traceback.print_exc()
     with signals_held():
