@@ -16,6 +16,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -270,7 +271,7 @@ def launch(args: argparse.Namespace) -> int:
             cmd += ["--limit", str(limit)]
         log_path = runs_dir / "logs" / f"worker-{i}.log"
         log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as log_file:
+        with open(log_path, "a") as log_file, stops_wait_in_children():
             procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
     t0 = time.time()
     previous = {n: signal.signal(n, _terminated) for n in ST.stop_signals()}
@@ -285,6 +286,20 @@ def launch(args: argparse.Namespace) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return _close(study, sweep, procs, before, t0, url, wandb_mode, runs_dir)
+
+
+@contextlib.contextmanager
+def stops_wait_in_children() -> Iterator[None]:
+    """Start a worker with SIGINT and SIGTERM blocked (a thread's signal mask passes through
+    fork and exec): a stop that comes while its interpreter starts stays pending until the
+    worker can take it quietly (worker._follow_the_launcher unblocks them), instead of a
+    KeyboardInterrupt traceback from the middle of an import. Ours arrive after the block."""
+    stops = {signal.SIGINT, signal.SIGTERM}
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, previous)
 
 
 def _terminated(signum: int, frame: Any) -> None:

@@ -19,16 +19,44 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import optuna
-from lightning.pytorch.callbacks import Callback
-from optuna.trial import TrialState
-from optuna_integration import PyTorchLightningPruningCallback
+LAUNCHER_ENV = "ALLCONV_LAUNCHER_PID"  # set by the launcher: a worker stops when it is gone
 
-from ablations import run, wandb_log
-from ablations import settings as S
-from ablations import storage as ST
-from ablations import study as SD
-from ablations import sweep_file as SF
+
+def _follow_the_launcher() -> None:
+    """Before the heavy imports below (about 10 s), in a worker the launcher started: a stop
+    that came while the interpreter started (the launcher starts workers with stops blocked,
+    launcher.stops_wait_in_children) or comes while they run ends the worker quietly (no
+    trial is claimed yet, nothing to record). On Linux the kernel sends SIGINT when the
+    launcher dies, SIGKILL included, so the trial in progress is interrupted and marked so,
+    as when the launcher forwards Ctrl-C; elsewhere the loop in _work notices the launcher
+    gone between trials. Only in the worker's own process: DDP ranks re-import this module
+    as __mp_main__."""
+    if os.environ.get(LAUNCHER_ENV) is None:
+        return
+    stops = (signal.SIGINT, signal.SIGTERM)
+    for signum in stops:
+        signal.signal(signum, lambda *_: os._exit(130))
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, stops)  # blocked by the launcher until now
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        pr_set_pdeathsig = 1  # <linux/prctl.h>
+        ctypes.CDLL(None, use_errno=True).prctl(pr_set_pdeathsig, int(signal.SIGINT))
+
+
+if __name__ == "__main__":
+    _follow_the_launcher()
+
+import optuna  # noqa: E402
+from lightning.pytorch.callbacks import Callback  # noqa: E402
+from optuna.trial import TrialState  # noqa: E402
+from optuna_integration import PyTorchLightningPruningCallback  # noqa: E402
+
+from ablations import run, wandb_log  # noqa: E402
+from ablations import settings as S  # noqa: E402
+from ablations import storage as ST  # noqa: E402
+from ablations import study as SD  # noqa: E402
+from ablations import sweep_file as SF  # noqa: E402
 
 
 class StatusFile(Callback):
@@ -317,9 +345,6 @@ def _cell_suffix(params: dict[str, Any]) -> str:
     return (" " + " ".join(shown)) if shown else ""
 
 
-LAUNCHER_ENV = "ALLCONV_LAUNCHER_PID"  # set by the launcher: a worker stops when it is gone
-
-
 def main(argv: list[str] | None = None) -> int:
     """A worker process: claim, train, record, until the study has nothing left."""
     p = argparse.ArgumentParser(prog="python -m ablations.worker")
@@ -360,8 +385,8 @@ def _work(args: argparse.Namespace) -> int:
         study = SD.open_study(sweep, args.storage, args.study, create=False, worker=args.worker)
         while True:
             if launcher is not None and str(os.getppid()) != launcher:
-                # the launcher was killed (SIGKILL leaves no time to stop us): finish, but
-                # start nothing new; the same command resumes
+                # the launcher was killed and no parent-death signal came (not Linux, or it
+                # died before _follow_the_launcher): start nothing new; the same command resumes
                 print(f"worker {args.worker}: the launcher is gone; stopping", file=sys.stderr)
                 status.write(state="launcher gone")
                 return 0
