@@ -240,42 +240,45 @@ def launch(args: argparse.Namespace) -> int:
     status_dir = runs_dir / "workers"
     status_dir.mkdir(parents=True, exist_ok=True)
     snapshot = SF.write_snapshot(sweep, runs_dir / "sweep.yaml", args.file)
-    procs = []
-    for i, (devices, threads) in enumerate(plan):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-        env[ST.STORAGE_ENV] = url  # not in argv, where `ps` shows a database password to all
-        env["ALLCONV_LAUNCHER_PID"] = str(os.getpid())  # workers stop when it is gone
-        if devices is not None:
-            env["CUDA_VISIBLE_DEVICES"] = devices
-        cmd = [
-            sys.executable,
-            "-m",
-            "ablations.worker",
-            str(snapshot),
-            "--study",
-            study_name,
-            "--runs-dir",
-            str(runs_dir),
-            "--worker",
-            str(i),
-            "--threads",
-            str(threads),
-            "--wandb",
-            wandb_mode,
-            "--status",
-            str(status_dir / f"worker-{i}.json"),
-            "--devices-per-trial",
-            str(k),
-        ]
-        if limit is not None:
-            cmd += ["--limit", str(limit)]
-        log_path = runs_dir / "logs" / f"worker-{i}.log"
-        log_path.parent.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as log_file, stops_wait_in_children():
-            procs.append(subprocess.Popen(cmd, env=env, stdout=log_file, stderr=subprocess.STDOUT))
+    procs: list[subprocess.Popen] = []
     t0 = time.time()
     previous = {n: signal.signal(n, _terminated) for n in ST.stop_signals()}
     try:
+        with stops_wait():
+            for i, (devices, threads) in enumerate(plan):
+                log_path = runs_dir / "logs" / f"worker-{i}.log"
+                log_path.parent.mkdir(parents=True, exist_ok=True)
+                cmd = [
+                    sys.executable,
+                    "-m",
+                    "ablations.worker",
+                    str(snapshot),
+                    "--study",
+                    study_name,
+                    "--runs-dir",
+                    str(runs_dir),
+                    "--worker",
+                    str(i),
+                    "--threads",
+                    str(threads),
+                    "--wandb",
+                    wandb_mode,
+                    "--status",
+                    str(status_dir / f"worker-{i}.json"),
+                    "--devices-per-trial",
+                    str(k),
+                ]
+                if limit is not None:
+                    cmd += ["--limit", str(limit)]
+                env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+                env[ST.STORAGE_ENV] = url  # not in argv, where `ps` shows a database password
+                env["ALLCONV_LAUNCHER_PID"] = str(os.getpid())  # workers stop when it is gone
+                if devices is not None:
+                    env["CUDA_VISIBLE_DEVICES"] = devices
+                with open(log_path, "a") as log:
+                    procs.append(
+                        subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
+                    )
         _watch(study, sweep, procs, status_dir, t0)
     except KeyboardInterrupt:
         stop_workers(procs)
@@ -289,13 +292,13 @@ def launch(args: argparse.Namespace) -> int:
 
 
 @contextlib.contextmanager
-def stops_wait_in_children() -> Iterator[None]:
-    """Start a worker with SIGINT and SIGTERM blocked (a thread's signal mask passes through
-    fork and exec): a stop that comes while its interpreter starts stays pending until the
-    worker can take it quietly (worker._follow_the_launcher unblocks them), instead of a
-    KeyboardInterrupt traceback from the middle of an import. Ours arrive after the block."""
-    stops = {signal.SIGINT, signal.SIGTERM}
-    previous = signal.pthread_sigmask(signal.SIG_BLOCK, stops)
+def stops_wait() -> Iterator[None]:
+    """Block SIGINT and SIGTERM in this thread while workers are started. A thread's signal
+    mask passes through fork and exec, so in a new worker a stop that comes while its
+    interpreter starts stays pending until it can take it quietly (worker._follow_the_launcher
+    unblocks them), instead of a KeyboardInterrupt traceback from the middle of an import;
+    here a stop waits until every started worker is in `procs`, which stop_workers reaches."""
+    previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield
     finally:

@@ -25,7 +25,7 @@ LAUNCHER_ENV = "ALLCONV_LAUNCHER_PID"  # set by the launcher: a worker stops whe
 def _follow_the_launcher() -> None:
     """Before the heavy imports below (about 10 s), in a worker the launcher started: a stop
     that came while the interpreter started (the launcher starts workers with stops blocked,
-    launcher.stops_wait_in_children) or comes while they run ends the worker quietly (no
+    launcher.stops_wait) or comes while they run ends the worker quietly (no
     trial is claimed yet, nothing to record). On Linux the kernel sends SIGINT when the
     launcher dies, SIGKILL included, so the trial in progress is interrupted and marked so,
     as when the launcher forwards Ctrl-C; elsewhere the loop in _work notices the launcher

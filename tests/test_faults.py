@@ -22,10 +22,10 @@ from ablations.cli import main
 from tests.conftest import tree
 from tests.test_sweeps import FAST, load, run_worker, sweep_cli, write_sweep
 
-SLOW_CELLS = {
+SLOW_CELLS = {  # a trial trains for several seconds: long enough to be interrupted
     **FAST,
     "data.subset": {"value": 2000},
-    "train.epochs": {"value": 6},
+    "train.epochs": {"value": 3},
     "model.variant": {"values": ["base", "all-cnn"]},
 }
 # fails at run time, after the sweep file parsed: the synthetic set has 8000 images
@@ -89,7 +89,7 @@ def test_sigkill_of_the_launcher_leaves_no_worker_running_the_sweep(tmp_path, in
     proc.kill()
     proc.wait()
     pid = trial.user_attrs["worker.pid"]
-    deadline = time.time() + 30  # well inside the trial, which trains for 6 epochs
+    deadline = time.time() + 30  # well inside the trial, which trains for 3 epochs
     while alive(pid) and time.time() < deadline:
         time.sleep(0.2)
     assert not alive(pid), "the worker kept running the sweep"
