@@ -48,6 +48,14 @@ def running_trials(timeout=120):
     raise AssertionError("no trial started")
 
 
+def as_from_a_terminal() -> None:
+    """preexec_fn: Ctrl-C and SIGHUP act as they do on a terminal. A job started in the
+    background of a shell (a CI runner's, say) ignores SIGINT, and under nohup SIGHUP, and
+    a child keeps that; `ablate sweep` then rightly ignores them too."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.signal(signal.SIGHUP, signal.SIG_DFL)
+
+
 def alive(pid: int) -> bool:
     return ST._start_time(pid) is not None
 
@@ -642,8 +650,7 @@ def test_ctrl_c_twice_or_sighup_stops_the_sweep_without_a_traceback(tmp_path, in
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
-        # as from a terminal: under nohup (a CI runner, say) SIGHUP is ignored, and stays so
-        preexec_fn=lambda: signal.signal(signal.SIGHUP, signal.SIG_DFL),
+        preexec_fn=as_from_a_terminal,
     )
     pids = [t.user_attrs["worker.pid"] for t in running_trials()]
     for signum in signals:
@@ -699,7 +706,11 @@ def test_ctrl_c_while_a_sweep_starts_ends_without_a_traceback(tmp_path, in_tmp, 
     either (a worker spends its first seconds importing torch and Lightning)."""
     file = write_sweep(tmp_path / "s.yaml")
     proc = subprocess.Popen(
-        sweep_cli(file, workers=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+        sweep_cli(file, workers=1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        preexec_fn=as_from_a_terminal,
     )
     sign = Path("runs") if moment == "preflight" else Path("runs/t/logs/worker-0.log")
     deadline = time.time() + 60
