@@ -246,39 +246,12 @@ def launch(args: argparse.Namespace) -> int:
     try:
         with stops_wait():
             for i, (devices, threads) in enumerate(plan):
-                log_path = runs_dir / "logs" / f"worker-{i}.log"
-                log_path.parent.mkdir(parents=True, exist_ok=True)
-                cmd = [
-                    sys.executable,
-                    "-m",
-                    "ablations.worker",
-                    str(snapshot),
-                    "--study",
-                    study_name,
-                    "--runs-dir",
-                    str(runs_dir),
-                    "--worker",
-                    str(i),
-                    "--threads",
-                    str(threads),
-                    "--wandb",
-                    wandb_mode,
-                    "--status",
-                    str(status_dir / f"worker-{i}.json"),
-                    "--devices-per-trial",
-                    str(k),
-                ]
-                if limit is not None:
-                    cmd += ["--limit", str(limit)]
-                env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
-                env[ST.STORAGE_ENV] = url  # not in argv, where `ps` shows a database password
-                env["ALLCONV_LAUNCHER_PID"] = str(os.getpid())  # workers stop when it is gone
-                if devices is not None:
-                    env["CUDA_VISIBLE_DEVICES"] = devices
-                with open(log_path, "a") as log:
-                    procs.append(
-                        subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
-                    )
+                argv = [str(snapshot), "--study", study_name, "--runs-dir", str(runs_dir)]
+                argv += ["--worker", str(i), "--threads", str(threads), "--wandb", wandb_mode]
+                argv += ["--status", str(status_dir / f"worker-{i}.json")]
+                argv += ["--devices-per-trial", str(k)]
+                argv += ["--limit", str(limit)] if limit is not None else []
+                procs.append(_start_worker(argv, url, threads, devices, runs_dir / "logs", i))
         _watch(study, sweep, procs, status_dir, t0)
     except KeyboardInterrupt:
         stop_workers(procs)
@@ -289,6 +262,22 @@ def launch(args: argparse.Namespace) -> int:
         for signum, handler in previous.items():
             signal.signal(signum, handler)
     return _close(study, sweep, procs, before, t0, url, wandb_mode, runs_dir)
+
+
+def _start_worker(
+    argv: list[str], url: str, threads: int, devices: str | None, logs: Path, i: int
+) -> subprocess.Popen:
+    """`python -m ablations.worker ARGV`, its output in logs/worker-<i>.log."""
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    env[ST.STORAGE_ENV] = url  # not in argv, where `ps` shows a database password to all
+    # worker.LAUNCHER_ENV (the worker reads it before its imports): it stops when we are gone
+    env["ALLCONV_LAUNCHER_PID"] = str(os.getpid())
+    if devices is not None:
+        env["CUDA_VISIBLE_DEVICES"] = devices
+    logs.mkdir(parents=True, exist_ok=True)
+    with open(logs / f"worker-{i}.log", "a") as log:
+        cmd = [sys.executable, "-m", "ablations.worker", *argv]
+        return subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
 @contextlib.contextmanager
