@@ -78,6 +78,10 @@ class StatusFile(Callback):
             with contextlib.suppress(OSError):
                 tmp.unlink(missing_ok=True)
 
+    def on_test_start(self, trainer, pl_module) -> None:
+        if trainer.is_global_zero:
+            self.write(state="testing")
+
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         # under DDP every rank runs this callback; two writers renaming one temporary file
         # failed a trial (FileNotFoundError), and rank 0's line is the trial's line anyway
@@ -284,12 +288,27 @@ def signals_held() -> Iterator[None]:
 
 class HoldSignalsAfterFit(Callback):
     """From the end of the fit, a signal waits until the trial is recorded: a run that
-    trained to the end is tested, written and told to the study, then the worker stops.
-    (Lightning's own SIGTERM handler still ends its test pass early, and the trial is then
-    interrupted; Ctrl-C, and either signal after the test, wait.)"""
+    trained to the end is tested, written and told to the study, then the worker stops."""
 
     def on_fit_end(self, trainer, pl_module) -> None:
         _Signals.held = True
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        # trainer.test installs Lightning's SIGTERM handler again, in front of ours: it sets
+        # a flag on which the evaluation loop ends the pass (SIGTERMException), and a trained
+        # run was then interrupted. Ours alone handles SIGTERM through the test; Lightning
+        # restores it at teardown anyway.
+        if _Signals.held and trainer.is_global_zero:
+            signal.signal(signal.SIGTERM, _Signals.handler)
+            lightning_took_a_sigterm_of_ours(trainer)
+
+
+def lightning_took_a_sigterm_of_ours(trainer) -> None:
+    """A SIGTERM between trainer.test's handler and on_test_start reached Lightning too, and
+    set the flag its evaluation loop checks; ours holds it, so Lightning's is cleared. Private
+    API (Lightning 2.6's _SignalConnector), the one use in this project."""
+    if _Signals.pending is not None:
+        trainer._signal_connector.received_sigterm = False
 
 
 def _record(

@@ -4,6 +4,7 @@ storage that is not ours, passwords. Each ends in one clear line, and nothing is
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import signal
 import subprocess
@@ -681,6 +682,43 @@ def test_a_signal_after_training_before_the_record_keeps_the_run(tmp_path, in_tm
     proc.communicate(timeout=120)
     first = load().get_trials()[0]
     assert SD.trial_state(first) == "complete", first.user_attrs.get("error_message")
+
+
+def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
+    """SIGTERM to the whole process group (a scheduler's stop: scancel, systemd, docker
+    stop) while a trained run is tested. trainer.test installs Lightning's own SIGTERM
+    handler, which used to end the pass and interrupt the trial; now the pass finishes, the
+    trial is recorded complete with its test error, then the worker stops; the re-run does
+    only the cell left."""
+    params = {
+        **SLOW_CELLS,
+        "train.epochs": {"value": 1},
+        "train.eval_batch_size": {"value": 2},  # 500 test batches, twice: a pass of seconds
+    }
+    file = write_sweep(tmp_path / "s.yaml", parameters=params)
+    cmd = sweep_cli(file, workers=1)
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    running_trials()
+    status = Path("runs/t/workers/worker-0.json")
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        with contextlib.suppress(OSError, ValueError):
+            if json.loads(status.read_text()).get("state") == "testing":
+                break
+        time.sleep(0.02)
+    os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its worker, at once
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    one_line_no_traceback(err)
+    first = load().get_trials()[0]
+    assert SD.trial_state(first) == "complete", first.user_attrs.get("error_message")
+    assert 0 <= first.user_attrs["test/error"] <= 100
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr
+    states = [SD.trial_state(t) for t in load().get_trials()]
+    assert states == ["complete", "complete"]
 
 
 def test_export_and_status_of_a_study_with_no_trials_or_not_ours(tmp_path, in_tmp, capsys):
