@@ -63,7 +63,7 @@ def _settings_of(t: optuna.trial.FrozenTrial, sweep: SF.Sweep) -> dict[str, Any]
     if stored:
         return dict(stored)
     # failed before its settings were resolved: rebuild what we can from the file and params
-    raw = {**S.defaults(), **sweep.base, **t.params}
+    raw = S.concrete({**S.defaults(), **sweep.base, **t.params})
     try:
         return S.flat_with_name(raw, S.model_spec(raw))
     except ValueError:

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from datamodules import AUGMENT_CHOICES, DATASETS, PREPROCESS_CHOICES
+from datamodules import AUGMENT_CHOICES, AUTO_PREPROCESS, DATASETS, PREPROCESS_CHOICES
 from lightning_modules import family
 from lightning_modules.precision import PRECISIONS
 
@@ -98,9 +98,14 @@ SCHEMA: dict[str, Setting] = {
     ),
     "data.dataset": Setting(str, "cifar10", "dataset", _names(DATASETS)),
     "data.dir": Setting(str, "~/.cache/allconv/data", "where datasets live"),
-    # standardize by default: cheap and robust on any data; the paper sweeps set gcn-zca
+    # auto is resolved per data set (datamodules/choices.py says why): every run records
+    # the preprocessing it used, never "auto"
     "data.preprocess": Setting(
-        str, "standardize", "gcn-zca (the paper) or standardize", _names(PREPROCESS_CHOICES)
+        str,
+        "auto",
+        "gcn-zca (the paper) or standardize; auto: "
+        + ", ".join(f"{v} on {k}" for k, v in AUTO_PREPROCESS.items()),
+        ("auto", *PREPROCESS_CHOICES),
     ),
     "data.augment": Setting(str, "none", "on-device augmentation", _names(AUGMENT_CHOICES)),
     "data.val_size": Setting(
@@ -230,8 +235,16 @@ def resolve(overrides: dict[str, Any]) -> dict[str, Any]:
     settings = defaults()
     for key, value in overrides.items():
         settings[key] = coerce(key, value)
+    settings = concrete(settings)
     model_spec(settings)  # validates the combination at a nominal input shape
     return settings
+
+
+def concrete(settings: dict[str, Any]) -> dict[str, Any]:
+    """`data.preprocess=auto` replaced by what it means for the run's data set."""
+    if settings.get("data.preprocess") != "auto":
+        return settings
+    return {**settings, "data.preprocess": AUTO_PREPROCESS[settings["data.dataset"]]}
 
 
 def model_spec(

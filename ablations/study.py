@@ -53,6 +53,32 @@ def pruner_for(sweep: SF.Sweep) -> optuna.pruners.BasePruner:
     )
 
 
+def _defined(definition: dict[str, Any]) -> dict[str, Any]:
+    """A stored definition without its unset keys: a study stored before a key existed
+    (`selection`, say) has the same definition as a file that leaves it unset."""
+    return {k: v for k, v in definition.items() if v is not None}
+
+
+def only_written_out(old: dict[str, Any], new: dict[str, Any], trials: list) -> bool:
+    """Whether `new` differs from `old` only by fixed parameters it adds, each with the value
+    that every trial of the study ran with: a setting written out (say `data.preprocess:
+    standardize` when its default changed), the same sweep, so the study resumes."""
+    rest = {k: v for k, v in old.items() if k != "parameters"}
+    if rest != {k: v for k, v in new.items() if k != "parameters"}:
+        return False
+    before, after = old.get("parameters") or {}, new.get("parameters") or {}
+    if any(after.get(k) != v for k, v in before.items()):
+        return False
+    ran = [t.user_attrs["settings"] for t in trials if "settings" in t.user_attrs]
+    added = {k: v for k, v in after.items() if k not in before}
+    return bool(ran) and all(
+        isinstance(spec, dict)
+        and set(spec) == {"value"}
+        and all(k in r and r[k] == spec["value"] for r in ran)
+        for k, spec in added.items()
+    )
+
+
 def open_study(
     sweep: SF.Sweep, url: str, study_name: str, *, create: bool, worker: int = 0
 ) -> optuna.Study:
@@ -60,9 +86,15 @@ def open_study(
     storage = ST.open_storage(url, create=create)
     direction = "minimize" if sweep.goal == "minimize" else "maximize"
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    new = _defined(json.loads(json.dumps(sweep.definition(), default=str)))
+    written_out = False
     if study_name in existing:
         old = existing[study_name].user_attrs.get(DEFINITION_ATTR)
-        if old is not None and json.loads(json.dumps(sweep.definition(), default=str)) != old:
+        old = None if old is None else _defined(old)
+        if old is not None and old != new:
+            ran = storage.get_all_trials(storage.get_study_id_from_name(study_name))
+            written_out = only_written_out(old, new, ran)
+        if old is not None and old != new and not written_out:
             changed = sorted(
                 k
                 for k in SF.DEFINING
@@ -88,10 +120,10 @@ def open_study(
         with warnings.catch_warnings():  # experimental in Optuna 5.0, and what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([sweep.metric])
+    if written_out:  # the file now says what the study ran with: store it as written
+        study.set_user_attr(DEFINITION_ATTR, new)
     if study_name not in existing:
-        study.set_user_attr(
-            DEFINITION_ATTR, json.loads(json.dumps(sweep.definition(), default=str))
-        )
+        study.set_user_attr(DEFINITION_ATTR, new)
         study.set_user_attr("sweep.name", sweep.name)
         study.set_user_attr("sweep.description", sweep.description)
         study.set_user_attr("sweep.swept", sweep.swept)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
-from datamodules.choices import AUGMENT_CHOICES, PREPROCESS_CHOICES
+from datamodules.choices import AUGMENT_CHOICES, AUTO_PREPROCESS, PREPROCESS_CHOICES
 from datamodules.sources import SOURCES as DATASETS
 from datamodules.sources import DataError, RawData, make_synthetic
 from datamodules.splits import split_sizes, stratified_take
@@ -26,6 +26,7 @@ _LAZY = {
 __all__ = [
     "AUGMENT_CHOICES",
     "DATASETS",
+    "AUTO_PREPROCESS",
     "PREPROCESS_CHOICES",
     "DataError",
     "RawData",

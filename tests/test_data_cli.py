@@ -135,7 +135,7 @@ BAD = {
     "unknown-preprocess": (
         None,
         ["data.preprocess=zca"],
-        ["data.preprocess='zca' is not one of the valid values: gcn-zca, standardize"],
+        ["data.preprocess='zca' is not one of the valid values: auto, gcn-zca, standardize"],
     ),
     "unknown-augment": (
         None,

@@ -163,6 +163,24 @@ def test_reused_name_with_another_definition_is_refused(tmp_path, in_tmp, capsys
     assert main(["sweep", str(other), "--wandb", "disabled"]) == 2
     assert "different sweep definition (differs in: parameters)" in capsys.readouterr().err
     assert journal.stat().st_size == size
+    # a fixed value that no trial ran with is a different sweep too
+    other = write_sweep(tmp_path / "c.yaml", parameters={"train.lr": {"value": 0.05}})
+    assert main(["sweep", str(other), "--wandb", "disabled"]) == 2
+    assert journal.stat().st_size == size
+
+
+def test_a_default_written_out_in_the_file_is_the_same_sweep(tmp_path, in_tmp, capsys):
+    """A file that now writes out the value every trial ran with (a default that has since
+    changed, say) resumes its study: nothing is re-run, and the study stores the file as
+    written."""
+    run_worker(write_sweep(tmp_path / "a.yaml"))
+    written = write_sweep(tmp_path / "b.yaml", parameters={"train.lr": {"value": 0.01}})
+    assert main(["sweep", str(written), "--wandb", "disabled"]) == 0
+    assert "nothing left to run" in capsys.readouterr().out
+    study = load()
+    assert [SD.trial_state(t) for t in study.get_trials()] == ["complete", "complete"]
+    stored = study.user_attrs[SD.DEFINITION_ATTR]["parameters"]
+    assert stored["train.lr"] == {"value": 0.01}
 
 
 def test_unreachable_storage_is_named(tmp_path, in_tmp, capsys):
