@@ -89,8 +89,8 @@ def open_study(
     new = _defined(json.loads(json.dumps(sweep.definition(), default=str)))
     written_out = False
     if study_name in existing:
-        old = existing[study_name].user_attrs.get(DEFINITION_ATTR)
-        old = None if old is None else _defined(old)
+        stored = existing[study_name].user_attrs.get(DEFINITION_ATTR)
+        old = None if stored is None else _defined(stored)
         if old is not None and old != new:
             ran = storage.get_all_trials(storage.get_study_id_from_name(study_name))
             written_out = only_written_out(old, new, ran)
