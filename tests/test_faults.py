@@ -688,17 +688,19 @@ def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
     """SIGTERM to the whole process group (a scheduler's stop: scancel, systemd, docker
     stop) while a trained run is tested. trainer.test installs Lightning's own SIGTERM
     handler, which used to end the pass and interrupt the trial; now the pass finishes, the
-    trial is recorded complete with its test error, then the worker stops; the re-run does
-    only the cell left."""
+    trial is recorded complete with its test error, then the worker stops."""
     params = {
         **SLOW_CELLS,
         "train.epochs": {"value": 1},
         "train.eval_batch_size": {"value": 2},  # 500 test batches, twice: a pass of seconds
     }
     file = write_sweep(tmp_path / "s.yaml", parameters=params)
-    cmd = sweep_cli(file, workers=1)
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        sweep_cli(file, workers=1),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
     )
     running_trials()
     status = Path("runs/t/workers/worker-0.json")
@@ -712,13 +714,10 @@ def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
     one_line_no_traceback(err)
-    first = load().get_trials()[0]
-    assert SD.trial_state(first) == "complete", first.user_attrs.get("error_message")
-    assert 0 <= first.user_attrs["test/error"] <= 100
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    states = [SD.trial_state(t) for t in load().get_trials()]
-    assert states == ["complete", "complete"]
+    trials = load().get_trials()
+    assert SD.trial_state(trials[0]) == "complete", trials[0].user_attrs.get("error_message")
+    assert 0 <= trials[0].user_attrs["test/error"] <= 100
+    assert len(trials) == 1  # the worker stopped after recording it: the other cell is left
 
 
 def test_export_and_status_of_a_study_with_no_trials_or_not_ours(tmp_path, in_tmp, capsys):
