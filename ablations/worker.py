@@ -426,8 +426,11 @@ def _work(args: argparse.Namespace) -> int:
                 devices=args.devices_per_trial,
             )
     except (KeyboardInterrupt, SystemExit):
+        # another worker of the same sweep may run the cell again before any re-run does
         print(
-            f"worker {args.worker}: interrupted; the trial is run again next time", file=sys.stderr
+            f"worker {args.worker}: interrupted; its trial is not a failed attempt and is run "
+            "again",
+            file=sys.stderr,
         )
         return 130
     except SF.SweepError as err:
