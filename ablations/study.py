@@ -94,18 +94,13 @@ def open_study(
         if old is not None and old != new:
             ran = storage.get_all_trials(storage.get_study_id_from_name(study_name))
             written_out = only_written_out(old, new, ran)
-        if old is not None and old != new and not written_out:
-            changed = sorted(
-                k
-                for k in SF.DEFINING
-                if json.dumps(old.get(k), sort_keys=True, default=str)
-                != json.dumps(sweep.definition().get(k), sort_keys=True, default=str)
-            )
-            raise SF.SweepError(
-                f"study {study_name!r} in {ST.describe_url(url)} was made from a different "
-                f"sweep definition (differs in: {', '.join(changed)}); use another name "
-                "(--study NAME) or the original file"
-            )
+            if not written_out:
+                changed = sorted(k for k in SF.DEFINING if old.get(k) != new.get(k))
+                raise SF.SweepError(
+                    f"study {study_name!r} in {ST.describe_url(url)} was made from a different "
+                    f"sweep definition (differs in: {', '.join(changed)}); use another name "
+                    "(--study NAME) or the original file"
+                )
     elif not create:
         raise SF.SweepError(f"no study {study_name!r} in {ST.describe_url(url)}")
     study = optuna.create_study(

@@ -710,6 +710,9 @@ def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
             if json.loads(status.read_text()).get("state") == "testing":
                 break
         time.sleep(0.02)
+    else:
+        os.killpg(proc.pid, signal.SIGKILL)
+        raise AssertionError("the trial's test pass never started")
     os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its worker, at once
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == 130, err
