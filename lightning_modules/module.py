@@ -121,13 +121,19 @@ class AllConvModule(L.LightningModule):
 
     def test_step(self, batch, idx: int) -> None:
         self._eval_step(batch, "test", self.test_acc)
-        if any(isinstance(m, torch.nn.Dropout) and m.p > 0 for m in self.net.modules()):
+        dropouts = [m for m in self.net.modules() if isinstance(m, torch.nn.Dropout) and m.p > 0]
+        if dropouts:
+            # the dropout layers alone: in training mode a batch norm would normalise with the
+            # test batch's statistics and fold them into its running ones, which the next
+            # batch's eval-mode test/error would then use
             x, y = batch
-            self.net.train()
+            for m in dropouts:
+                m.train()
             try:
                 self.test_acc_dropout.update(self(x).float(), y)
             finally:
-                self.net.eval()
+                for m in dropouts:
+                    m.eval()
 
     def on_test_epoch_end(self) -> None:
         self.log("test/error", 100 * (1 - self.test_acc.compute()))

@@ -3,6 +3,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
 
 from ablations import run
 from ablations import settings as S
@@ -106,3 +107,42 @@ def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeyp
         "20261128-120000-All-CNN-C-4",
     ]
     assert all(d.is_dir() and not any(d.iterdir()) for d in dirs)
+
+
+class BatchNormBuffers(Callback):
+    """The batch-norm running statistics as the test pass starts and as it ends."""
+
+    def on_test_start(self, trainer, pl_module):
+        self.before = self._buffers(pl_module)
+
+    def on_test_end(self, trainer, pl_module):
+        self.after = self._buffers(pl_module)
+
+    @staticmethod
+    def _buffers(pl_module):
+        return {k: v.clone() for k, v in pl_module.net.state_dict().items() if "running_" in k}
+
+
+def test_the_dropout_on_test_pass_leaves_batch_norm_alone(tmp_path):
+    """test/error of a batch-norm run with dropout is its checkpoint's eval-mode error: the
+    second, dropout-on pass of each test batch neither normalises with that batch nor moves
+    the running statistics the next batch is scored with (ten test batches of 100)."""
+    settings = S.resolve(
+        {**TINY, "model.norm": "batch", "train.epochs": 1, "train.eval_batch_size": 100}
+    )
+    buffers = BatchNormBuffers()
+    result = run.train(settings, tmp_path / "run", progress=False, callbacks=[buffers])
+    assert result["state"] == "complete" and not math.isnan(result["test/error_dropout"])
+    assert buffers.before and all(
+        torch.equal(buffers.before[k], buffers.after[k]) for k in buffers.before
+    )
+
+    module = AllConvModule.load_from_checkpoint(tmp_path / "run/checkpoints/last.ckpt").eval()
+    dm, _, _ = run.prepare(settings)
+    x, y = dm.splits["test"]
+    with torch.no_grad():
+        wrong = sum(
+            int((module(x[i : i + 100]).argmax(1) != y[i : i + 100]).sum())
+            for i in range(0, len(y), 100)
+        )
+    assert result["test/error"] == pytest.approx(100 * wrong / len(y), abs=1e-3)
