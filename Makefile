@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-stamp
 FASHION := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data test demo lint bench clean
+.PHONY: setup data test-deps test demo lint bench clean
 
 setup: $(STAMP)
 
@@ -26,7 +26,22 @@ data:
 # closing export) while the other waits. On this project's 2-core machine
 # tests/test_faults.py took 381 s with two, against 464 s one at a time (two runs an hour
 # apart, not side by side). `pytest` alone runs them one at a time. The slowest are listed.
-test: setup
+# What the tests start for real (PostgreSQL; pdflatex with booktabs for the LaTeX export;
+# Fashion-MNIST): installed from Debian as root; otherwise the tests that need them skip
+# and say why.
+test-deps:
+	@if [ "$$(id -u)" = 0 ]; then \
+	  need=""; \
+	  [ -f $(FASHION)/train-images-idx3-ubyte.gz ] || need="$$need dataset-fashion-mnist"; \
+	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
+	  command -v pdflatex >/dev/null || need="$$need texlive-latex-base texlive-latex-recommended"; \
+	  if [ -n "$$need" ]; then \
+	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
+	      --no-install-recommends $$need) >/dev/null; \
+	  fi; \
+	fi
+
+test: setup test-deps
 	$(BIN)/pytest -n 2 --durations=15
 
 # The quickstart sweep (resumable: run it again to continue), then its exports.

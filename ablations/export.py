@@ -183,6 +183,10 @@ def summarize(
     paper's numbers are missing where they are."""
     over = over or []
     keys = cell_keys(sweep, over)
+    if "precision" in trials and trials["precision"].dropna().nunique() > 1:
+        # seeds of one cell that resolved `train.precision` differently (auto on two kinds
+        # of machine, say) are two cells, never one mean
+        keys.append("precision")
     summary = _cells(trials, keys + over, metrics)
     selection = None
     if select_by is not None and over:

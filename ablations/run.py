@@ -18,6 +18,7 @@ import torch
 import yaml
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.strategies import DDPStrategy
 
 from ablations import settings as S
 from datamodules import AllConvDataModule
@@ -192,6 +193,27 @@ def free_dir(root: Path, stem: str) -> Path:
     raise FileExistsError(f"no free run folder for {stem} under {root}")
 
 
+class SpawnedDDP(DDPStrategy):
+    """`ddp_spawn` whose ranks leave their process group before they exit.
+
+    Lightning leaves the group to an atexit hook, which runs after a rank's work has returned
+    and, in a spawned rank, while its peer may already be gone: gloo's threads were then
+    sometimes destroyed still running, and the rank died of SIGABRT ("terminate called without
+    an active exception") after a complete fit or test, failing the trial. Here both ranks
+    meet at a barrier and destroy the group while each can still reach the other.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(start_method="spawn")
+
+    def teardown(self) -> None:
+        super().teardown()
+        dist = torch.distributed
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+
+
 def make_trainer(
     settings: dict[str, Any],
     run_dir: Path,
@@ -215,7 +237,7 @@ def make_trainer(
         # ddp_spawn, not ddp: ddp re-runs the command line in every rank, and a sweep worker
         # re-run would claim trials of its own. Spawned ranks get rank 0's pickled module, so
         # all ranks train the same settings; only this process talks to Optuna and W&B.
-        strategy=strategy if devices == 1 or strategy != "auto" else "ddp_spawn",
+        strategy=strategy if devices == 1 or strategy != "auto" else SpawnedDDP(),
         precision=precision,
         logger=[CSVLogger(run_dir, name="", version="lightning"), *loggers],
         callbacks=[

@@ -156,6 +156,25 @@ def test_summary_means_and_stds(study):
         assert row["params"] == 954_730
 
 
+def test_seeds_that_ran_at_another_precision_are_not_pooled(study):
+    """`train.precision=auto` resolves per machine: a cell whose seeds ran in 32-bit on one and
+    bf16 on another is two rows, each its own mean, named by the precision that ran."""
+    trials = E.trials_frame(study)
+    one = (trials["model.variant"] == "base") & (trials["train.lr"] == 0.01)
+    trials.loc[one & (trials["seed"] == 2), "precision"] = "bf16-mixed"
+    summary, _, _ = E.summarize(trials, SD.stored_sweep(study), ["val/error"])
+    rows = summary[(summary["model.variant"] == "base") & (summary["train.lr"] == 0.01)]
+    assert sorted(zip(rows["precision"], rows["n"])) == [("32-true", 2), ("bf16-mixed", 1)]
+    bf16 = rows[rows["precision"] == "bf16-mixed"].iloc[0]
+    assert bf16["val/error mean"] == pytest.approx(10 + 1 + 2 * 0.5)
+    assert len(summary) == 5 and set(summary["precision"]) == {"32-true", "bf16-mixed"}
+    # one precision throughout: no precision column, the cells as before
+    assert (
+        "precision"
+        not in E.summarize(E.trials_frame(study), SD.stored_sweep(study), ["val/error"])[0]
+    )
+
+
 def test_select_by_validation_reports_test_at_the_chosen_lr(study):
     summary = E.build(study, select_by="val/error", over=["train.lr"]).summary
     assert list(summary["model.name"]) == ["Model C", "All-CNN-C"]

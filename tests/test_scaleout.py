@@ -255,20 +255,15 @@ def test_ddp_sweep_trial_logs_one_wandb_run_and_one_result(tmp_path, in_tmp):
     )
     assert out.returncode == 0, out.stderr
     trials = trials_of(ST.open_storage(ST.default_url("t", Path("runs"))))
-    # A CPU rank can abort as its process ends ("terminate called without an active
-    # exception" from torch's gloo side; 1 CI run in about 6 here), and the worker then tries
-    # the cell again. That is torch's; what this test guards is one W&B run and one result
-    # per trial, never one per rank.
-    *aborted, done = trials
-    assert all(
-        SD.trial_state(t) == "failed" and "signal SIGABRT" in t.user_attrs["error_message"]
-        for t in aborted
-    ), [t.user_attrs.get("error_message") for t in trials]
+    # one attempt: a rank that died at its exit (SIGABRT from gloo, before run.SpawnedDDP)
+    # failed the trial and the worker tried the cell again
+    [done] = trials
     assert SD.trial_state(done) == "complete", done.user_attrs.get("error_message")
     assert done.user_attrs["wandb_run_id"]
     assert len(list(Path(done.user_attrs["run_dir"]).glob("wandb/offline-run-*"))) == 1
-    for folder in Path("runs/t/trials").iterdir():  # the aborted one's too: at most one
-        assert len(list(folder.glob("wandb/offline-run-*"))) <= 1, folder
+    assert [p.name for p in Path("runs/t/trials").iterdir()] == [
+        Path(done.user_attrs["run_dir"]).name
+    ]
 
 
 def test_devices_naming_a_missing_gpu(tmp_path, in_tmp, capsys, monkeypatch):
