@@ -171,6 +171,13 @@ def _cells(trials: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.Data
     return pd.DataFrame(rows)
 
 
+def _mixed_precision(trials: pd.DataFrame, keys: list[str]) -> bool:
+    """Whether the trials of any one cell ran at more than one resolved precision."""
+    if not keys:
+        return trials["precision"].dropna().nunique() > 1
+    return bool((trials.groupby(keys, dropna=False)["precision"].nunique() > 1).any())
+
+
 def summarize(
     trials: pd.DataFrame,
     sweep: SF.Sweep,
@@ -183,7 +190,7 @@ def summarize(
     paper's numbers are missing where they are."""
     over = over or []
     keys = cell_keys(sweep, over)
-    if "precision" in trials and trials["precision"].dropna().nunique() > 1:
+    if "precision" in trials and _mixed_precision(trials, keys + over):
         # seeds of one cell that resolved `train.precision` differently (auto on two kinds
         # of machine, say) are two cells, never one mean
         keys.append("precision")
@@ -344,6 +351,7 @@ LABELS = {
     "Δ test/error": "Δ (points)",
     "selected_by": "Selected by",
     "train.lr": "LR",
+    "precision": "Ran in",  # the resolved precision, beside the setting (train.precision)
     "model.score_relu": "Score ReLU",
 }
 LOWER_IS_BETTER = ("val/error", "test/error", "test/error_dropout", "val/loss", "train/loss")

@@ -130,7 +130,7 @@ SCHEMA: dict[str, Setting] = {
     "train.precision": Setting(
         str,
         "auto",
-        "auto: bf16 mixed on CUDA GPUs with compute capability >= 8, else 32-bit",
+        "auto: bf16 mixed where computed natively (CUDA >= 8.0, AVX512-BF16/AMX), else 32",
         _names(PRECISIONS),
     ),
     "train.compile": Setting(bool, False, "torch.compile the network"),

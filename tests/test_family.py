@@ -175,3 +175,24 @@ def test_init_corrects_for_dropout_and_the_class_score_layer():
         if isinstance(m, torch.nn.Conv2d)
     ]
     assert plain[2].weight.std().item() == pytest.approx(expected(plain[2], 1), rel=0.05)
+
+
+@pytest.mark.parametrize(
+    "flags,expected",
+    [
+        ("fpu avx2 avx512f avx512bw", "32-true"),  # AVX-512 without its bf16 extension
+        ("fpu avx2 avx512f avx512_bf16", "bf16-mixed"),
+        ("fpu avx2 amx_bf16 amx_tile", "bf16-mixed"),
+    ],
+)
+def test_auto_precision_on_a_cpu_follows_its_bf16_flags(tmp_path, monkeypatch, flags, expected):
+    from lightning_modules import precision
+
+    info = tmp_path / "cpuinfo"
+    info.write_text(f"processor\t: 0\nmodel name\t: test\nflags\t\t: {flags}\n")
+    read = precision.cpu_computes_bf16.__wrapped__  # the uncached reader
+    monkeypatch.setattr(precision, "cpu_computes_bf16", lambda: read(info))
+    assert precision.resolve_precision("auto", "cpu") == expected
+    assert precision.resolve_precision("32", "cpu") == "32-true"
+    assert precision.resolve_precision("bf16", "cpu") == "bf16-mixed"
+    assert not read(tmp_path / "absent")
