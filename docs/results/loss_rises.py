@@ -5,7 +5,8 @@
 Reads each trial's record (`trials/*/result.yaml`: its settings and per-epoch history) and
 prints, per data set, rate, normalisation and precision: the runs, the epoch-to-epoch steps,
 how many of those steps the training loss rose by more than 10%, how many runs had such a
-rise, and the runs that ended above 5% test error.
+rise, the runs that diverged (a non-finite loss, no test error) and the runs that ended
+above 5% test error, diverged ones included.
 """
 
 import sys
@@ -25,17 +26,18 @@ def main(folders: list[Path]) -> None:
             s = yaml.safe_load((record.parent / "settings.yaml").read_text())
             key = (s["data.dataset"], s["train.lr"], s["model.norm"], result["precision"])
             groups[key].append(result)
-    print("dataset        lr     norm   precision   runs  steps  rises>10%  with-rise  test>5%")
+    print("dataset        lr     norm   precision  runs steps rises>10% with-rise diverged test>5%")
     for (dataset, lr, norm, precision), results in sorted(groups.items()):
-        steps = rises = rising = above = 0
+        steps = rises = rising = diverged = above = 0
         for r in results:
-            losses = [h["train/loss"] for h in r["history"]]
+            diverged += r["state"] == "diverged"
+            losses = [h["train/loss"] for h in r["history"] if "train/loss" in h]
             up = sum(b > RISE * a for a, b in zip(losses, losses[1:]))
             steps, rises, rising = steps + len(losses) - 1, rises + up, rising + (up > 0)
             above += not (r["test/error"] is not None and r["test/error"] < 5)
         print(
-            f"{dataset:<14} {lr:<6} {norm:<6} {precision:<11} {len(results):>4} {steps:>6}"
-            f" {rises:>10} {rising:>10} {above:>8}"
+            f"{dataset:<14} {lr:<6} {norm:<6} {precision:<10} {len(results):>4} {steps:>5}"
+            f" {rises:>9} {rising:>9} {diverged:>8} {above:>7}"
         )
 
 
