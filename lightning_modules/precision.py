@@ -13,7 +13,7 @@ PRECISIONS: dict[str, str | None] = {
     "16": "16-mixed",
 }
 
-# CPU flags of native bf16 arithmetic; without them PyTorch emulates bf16, about 20 times
+# CPU flags of native bf16 arithmetic; without them PyTorch emulates bf16, many times
 # slower than 32-bit (README, "Recipe")
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
@@ -36,9 +36,9 @@ def resolve_precision(setting: str, device: str) -> str:
     """`auto`: bf16 mixed where the device computes bf16 natively (CUDA GPUs of compute
     capability 8.0 and up; CPUs with AVX512-BF16 or AMX), 32-bit elsewhere.
 
-    On such a CPU, paired runs of Model C and All-CNN-C (the paper's dropout and
-    preprocessing, full Fashion-MNIST, 8 epochs, 3 seeds) did not show bf16 costing accuracy
-    and trained 1.7-2.1 times as fast (README, "Recipe": precision; sweeps/recipe_precision.yaml).
+    On such a CPU, paired runs of Model C and All-CNN-C in both precisions (the paper's
+    dropout and preprocessing, full Fashion-MNIST, 3 seeds) did not show bf16 costing
+    accuracy, and bf16 ran faster (README, "Recipe": precision; sweeps/recipe_precision.yaml).
     """
     if setting != "auto":
         return PRECISIONS[setting]
