@@ -197,10 +197,10 @@ class SpawnedDDP(DDPStrategy):
     """`ddp_spawn` whose ranks leave their process group before they exit.
 
     Lightning leaves the group to an atexit hook, which runs after a rank's work has returned
-    and, in a spawned rank, while its peer may already be gone: gloo's threads were then
-    sometimes destroyed still running, and the rank died of SIGABRT ("terminate called without
-    an active exception") after a complete fit or test, failing the trial. Here both ranks
-    meet at a barrier and destroy the group while each can still reach the other.
+    and, in a spawned rank, while its peer may already be gone. With that hook a CPU rank
+    sometimes died of SIGABRT ("terminate called without an active exception", gloo threads
+    still running at exit, we believe) after a complete fit or test, failing the trial. Here
+    both ranks meet at a barrier and destroy the group while each can still reach the other.
     """
 
     def __init__(self) -> None:
