@@ -7,10 +7,11 @@ import json
 import math
 import sys
 
+from ablations.process import Exit
 from datamodules import DataError
 from lightning_modules.family import SpecError
 
-EXIT_BAD_INPUT = 2
+EXIT_BAD_INPUT = Exit.BAD_INPUT
 
 
 class UsageError(ValueError):
@@ -114,11 +115,11 @@ def cmd_models(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from ablations import run
-    from ablations import settings as S
+    from ablations.settings import parse_assignments, resolve
 
-    settings = S.resolve(S.parse_assignments(args.settings))
+    settings = resolve(parse_assignments(args.settings))
     prepared = run.prepare(settings)  # data and model checks, before anything is written
-    result = run.train(settings, prepared=prepared, progress=not args.quiet)
+    result = run.train(settings, prepared=prepared, progress=not args.quiet).fields()
     keys = (
         "state",
         "model.name",
@@ -168,11 +169,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_train)
 
-    from ablations import export, launcher, status, visualize
+    from ablations import launcher, status, visualize
+    from ablations.export import cli as export_cli
 
     launcher.register_cli(sub)
     status.register_cli(sub)
-    export.register_cli(sub)
+    export_cli.register_cli(sub)
     visualize.register_cli(sub)
     return parser
 
@@ -212,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"ablate {args.command}: interrupted", file=sys.stderr)
         return 130
     except OSError as err:
-        from ablations.storage import machine_fault
+        from ablations.process import machine_fault
 
         fault = machine_fault(err)
         if fault is None:

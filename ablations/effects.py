@@ -48,6 +48,17 @@ def holm(p_values: Sequence[float]) -> list[float]:
     return out
 
 
+def t_interval(values: np.ndarray) -> tuple[float, float]:
+    """The 95% Student's t-interval of a mean (NaN with fewer than 2 values)."""
+    if len(values) < 2:
+        return math.nan, math.nan
+    from scipy import stats
+
+    half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(values) - 1) * values.std(ddof=1)
+    half /= math.sqrt(len(values))
+    return float(values.mean() - half), float(values.mean() + half)
+
+
 def interval(diffs: np.ndarray, seed: int = 0) -> tuple[float, float, str]:
     """A 95% interval of the mean difference and its method: the percentile bootstrap from
     BOOTSTRAP_MIN_PAIRS pairs on, Student's t below (NaN with fewer than 2 pairs; the point
@@ -59,9 +70,7 @@ def interval(diffs: np.ndarray, seed: int = 0) -> tuple[float, float, str]:
     from scipy import stats
 
     if len(diffs) < BOOTSTRAP_MIN_PAIRS:
-        half = stats.t.ppf(0.5 + CONFIDENCE / 2, len(diffs) - 1) * diffs.std(ddof=1)
-        half /= math.sqrt(len(diffs))
-        return float(diffs.mean() - half), float(diffs.mean() + half), "t"
+        return (*t_interval(diffs), "t")
 
     res = stats.bootstrap(
         (diffs,),

@@ -20,7 +20,9 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
-from ablations import settings as S
+from ablations.files import atomic_write
+from ablations.record import Metrics, Outcome, Provenance, Timings, TrialRecord
+from ablations.settings import Settings, SettingsError, model_spec, recorded
 from datamodules import AllConvDataModule
 from lightning_modules.module import AllConvModule
 from lightning_modules.net import count_macs, count_params
@@ -76,9 +78,7 @@ class EpochRecorder(Callback):
         self.history.append(row)
         self.diverged = getattr(pl_module, "diverged", None)
         if self.path is not None and trainer.is_global_zero:
-            tmp = self.path.with_suffix(".tmp")
-            tmp.write_text(json.dumps(self.state()))
-            os.replace(tmp, self.path)
+            atomic_write(self.path, json.dumps(self.state()))
 
     def state(self) -> dict:
         return {
@@ -138,7 +138,7 @@ class Prepared(NamedTuple):
 
     dm: AllConvDataModule
     module: AllConvModule
-    flat: dict[str, Any]
+    flat: dict[str, Any]  # settings.recorded: what the run records of its settings
 
 
 class Stopper(Callback):
@@ -149,10 +149,10 @@ class Stopper(Callback):
     stop_message: str | None = None
 
 
-def prepare(settings: dict[str, Any], download: bool = True) -> Prepared:
+def prepare(settings: Settings, download: bool = True) -> Prepared:
     """Load the data and build the module; every check that can fail happens here."""
     if settings["train.accelerator"] == "gpu" and not torch.cuda.is_available():
-        raise S.SettingsError("train.accelerator=gpu: no CUDA GPU is visible here; use auto or cpu")
+        raise SettingsError("train.accelerator=gpu: no CUDA GPU is visible here; use auto or cpu")
     # seeded here, before the weights are drawn, not only in train()
     L.seed_everything(settings["seed"], workers=False, verbose=False)
     data = {k.removeprefix("data."): v for k, v in settings.items() if k.startswith("data.")}
@@ -164,10 +164,10 @@ def prepare(settings: dict[str, Any], download: bool = True) -> Prepared:
         download=download,
     )
     dm.load()
-    spec = S.model_spec(settings, dm.in_channels, dm.in_size, dm.num_classes)
+    spec = model_spec(settings, dm.in_channels, dm.in_size, dm.num_classes)
     train = {k: settings[f"train.{k}"] for k in TRAIN_KEYS}
     module = AllConvModule(model=asdict(spec), train=train)
-    return Prepared(dm, module, S.flat_with_name(settings, spec))
+    return Prepared(dm, module, recorded(settings, spec))
 
 
 def run_name(settings: dict[str, Any]) -> str:
@@ -215,7 +215,7 @@ class SpawnedDDP(DDPStrategy):
 
 
 def make_trainer(
-    settings: dict[str, Any],
+    settings: Settings,
     run_dir: Path,
     recorder: EpochRecorder,
     *,
@@ -261,20 +261,20 @@ def make_trainer(
 
 def outcome(
     module: AllConvModule, recorder: EpochRecorder, callbacks: list
-) -> tuple[str, str | None]:
+) -> tuple[Outcome, str | None]:
     """How the fit ended: complete, diverged (the module or, under DDP, rank 0's record
     says so) or what a Stopper set (e.g. pruned); with the reason."""
     diverged = module.diverged or recorder.diverged
     if diverged:
-        return "diverged", diverged
+        return Outcome.DIVERGED, diverged
     for cb in callbacks:
         if isinstance(cb, Stopper) and cb.stop_state:
-            return cb.stop_state, cb.stop_message
-    return "complete", None
+            return Outcome(cb.stop_state), cb.stop_message
+    return Outcome.COMPLETE, None
 
 
 def train(
-    settings: dict[str, Any],
+    settings: Settings,
     run_dir: Path | None = None,
     *,
     loggers: list | None = None,
@@ -283,9 +283,9 @@ def train(
     devices: int | str = 1,
     strategy: str = "auto",
     prepared: Prepared | None = None,
-) -> dict[str, Any]:
-    """Prepare, make the trainer, fit, test if it completed, and report one result record
-    (also written to `result.yaml`). `settings` are resolved (see settings.resolve)."""
+) -> TrialRecord:
+    """Prepare, make the trainer, fit, test if it completed, and return the run's record
+    (also written to `result.yaml`). `settings` are resolved (settings.resolve)."""
     L.seed_everything(settings["seed"], workers=False, verbose=False)
     dm, module, flat = prepared or prepare(settings)
     callbacks = list(callbacks or [])
@@ -315,38 +315,45 @@ def train(
     state, message = outcome(module, recorder, callbacks)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     tested = {}
-    if state == "complete":
+    if state == Outcome.COMPLETE:
         tested = (trainer.test(module, datamodule=dm, verbose=False) or [{}])[0]
 
     val_curve = [(h["epoch"], h["val/error"]) for h in recorder.history if "val/error" in h]
     best = min(val_curve, key=lambda t: t[1]) if val_curve else (None, math.nan)
-    result = {
-        "state": state,
-        "val/error": val_curve[-1][1] if val_curve else math.nan,
-        "test/error": float(tested.get("test/error", math.nan)),
-        "test/error_dropout": float(tested.get("test/error_dropout", math.nan)),
-        "train/loss": metrics.get("train/loss", math.nan),
-        "val/loss": metrics.get("val/loss", math.nan),
-        "best_val/error": best[1],
-        "best_epoch": best[0],
-        "epochs_run": len(recorder.history),
-        "params": count_params(module.net),
-        "macs": count_macs(_eager(module).eval()),
-        "fit_seconds": round(fit_seconds, 3),
-        "images_per_second": round(recorder.train_images / recorder.train_seconds, 1)
-        if recorder.train_seconds
-        else math.nan,
-        "device": device_name("gpu" if use_cuda else "cpu"),
-        "precision": precision,
-        "error_message": message,
-        "model.name": flat["model.name"],
-        "data.files": dm.files,
-        "run_dir": str(run_dir),
-        "git_commit": git_commit(),
-        "history": recorder.history,
-    }
+    record = TrialRecord(
+        outcome=state,
+        settings=flat,
+        metrics=Metrics(
+            val_error=val_curve[-1][1] if val_curve else math.nan,
+            test_error=float(tested.get("test/error", math.nan)),
+            test_error_dropout=float(tested.get("test/error_dropout", math.nan)),
+            train_loss=metrics.get("train/loss", math.nan),
+            val_loss=metrics.get("val/loss", math.nan),
+            best_val_error=best[1],
+            best_epoch=best[0],
+            epochs_run=len(recorder.history),
+            params=count_params(module.net),
+            macs=count_macs(_eager(module).eval()),
+        ),
+        timings=Timings(
+            fit_seconds=round(fit_seconds, 3),
+            images_per_second=round(recorder.train_images / recorder.train_seconds, 1)
+            if recorder.train_seconds
+            else math.nan,
+        ),
+        provenance=Provenance(
+            device=device_name("gpu" if use_cuda else "cpu"),
+            precision=precision,
+            git_commit=git_commit(),
+            run_dir=str(run_dir),
+            data_files=dm.files,
+        ),
+        error_message=message,
+        history=recorder.history,
+    )
+    result = {**record.fields(), "history": record.history}
     (run_dir / "result.yaml").write_text(yaml.safe_dump(result, sort_keys=False))
-    return result
+    return record
 
 
 def _eager(module: AllConvModule) -> torch.nn.Module:

@@ -15,8 +15,8 @@ import torch
 import yaml
 from torch import nn
 
-from ablations import settings as S
-from ablations.visualize_spec import LAYER_ALIASES, METHODS, VisualizeError, plain_settings
+from ablations.settings import from_recorded, recorded, resolve
+from ablations.visualize_spec import LAYER_ALIASES, METHODS, VisualizeError
 
 
 @dataclass
@@ -40,7 +40,7 @@ def load_run(run_dir: Path, label: str | None = None) -> Loaded:
         raise VisualizeError(f"{run_dir}: no settings.yaml; give a run folder or a study name")
     if not ckpt.is_file():
         raise VisualizeError(f"{run_dir}: no checkpoint at {ckpt.relative_to(run_dir)}")
-    settings = S.resolve(plain_settings(yaml.safe_load(settings_file.read_text())))
+    settings = resolve(from_recorded(yaml.safe_load(settings_file.read_text())))
     checkpoint = torch.load(ckpt, map_location="cpu", weights_only=False)
     # the statistics the run used, saved with its checkpoint; older checkpoints lack them,
     # and the same images and seed fit them again (or the preprocessing cache has them)
@@ -50,7 +50,7 @@ def load_run(run_dir: Path, label: str | None = None) -> Loaded:
     dm.load(stats=saved.get("stats"))
     module = AllConvModule(**checkpoint["hyper_parameters"])
     module.load_state_dict(checkpoint["state_dict"])
-    flat = S.flat_with_name(settings, module.spec)
+    flat = recorded(settings, module.spec)
     net = _out_of_place(module.net).eval()
     x, y = dm.splits["test"]
     x = x.contiguous()
@@ -177,9 +177,9 @@ def _save(plt, fig, caption: str, paths: list[Path]) -> str:
 
 
 def maps_figure(models: list[Loaded], indices: list[int], paths: list[Path]) -> str:
-    from ablations.export import _pyplot
+    from ablations.export.figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     cols = 1 + len(models) * len(METHODS)
     fig, axes = plt.subplots(
         len(indices), cols, figsize=(1.1 * cols, 1.2 * len(indices) + 0.6), squeeze=False
@@ -211,9 +211,9 @@ def maps_figure(models: list[Loaded], indices: list[int], paths: list[Path]) -> 
 
 
 def layer_figure(models: list[Loaded], layer: str, units: int, pool: int, paths: list[Path]) -> str:
-    from ablations.export import _pyplot
+    from ablations.export.figures import pyplot
 
-    plt = _pyplot()
+    plt = pyplot()
     rows = [(m, *top_units(m, layer, units, pool)) for m in models]
     fig, axes = plt.subplots(
         len(models), 2 * units, figsize=(1.1 * 2 * units, 1.3 * len(models) + 0.6), squeeze=False

@@ -5,7 +5,7 @@ from __future__ import annotations
 import difflib
 import math
 from dataclasses import dataclass, fields
-from typing import Any
+from typing import Any, NewType
 
 import yaml
 
@@ -230,21 +230,23 @@ def parse_assignments(items: list[str]) -> dict[str, Any]:
     return out
 
 
-def resolve(overrides: dict[str, Any]) -> dict[str, Any]:
+# The settings of a run, in two shapes. `Settings`: every key of SCHEMA, checked, with
+# `data.preprocess=auto` replaced by what it means for the data set (what a run is given).
+# `Recorded`: Settings with the variant expanded into its slots and `model.name` added (what
+# a run records: settings.yaml, the trial's record, the dataframe's columns).
+Settings = NewType("Settings", dict[str, Any])
+Recorded = NewType("Recorded", dict[str, Any])
+
+
+def resolve(overrides: dict[str, Any]) -> Settings:
     """Defaults + overrides, every value checked, the model spec validated."""
     settings = defaults()
     for key, value in overrides.items():
         settings[key] = coerce(key, value)
-    settings = concrete(settings)
+    if settings["data.preprocess"] == "auto":
+        settings["data.preprocess"] = AUTO_PREPROCESS[settings["data.dataset"]]
     model_spec(settings)  # validates the combination at a nominal input shape
-    return settings
-
-
-def concrete(settings: dict[str, Any]) -> dict[str, Any]:
-    """`data.preprocess=auto` replaced by what it means for the run's data set."""
-    if settings.get("data.preprocess") != "auto":
-        return settings
-    return {**settings, "data.preprocess": AUTO_PREPROCESS[settings["data.dataset"]]}
+    return Settings(settings)
 
 
 def model_spec(
@@ -253,10 +255,24 @@ def model_spec(
     return family.spec_from_settings(settings, in_channels, in_size, num_classes)
 
 
-def flat_with_name(settings: dict[str, Any], spec: family.ModelSpec) -> dict[str, Any]:
-    """Settings with the variant expanded into the slots and `model.name` added."""
+def recorded(settings: Settings, spec: family.ModelSpec | None = None) -> Recorded:
+    """What a run records of its settings: the variant expanded into the slots, and
+    `model.name` (spec: the network as built, default the one at a nominal input)."""
+    spec = spec or model_spec(settings)
     out = dict(settings)
     out.update(spec.settings())
     out["model.variant"] = spec.variant
     out["model.name"] = spec.name
+    return Recorded(out)
+
+
+def from_recorded(saved: dict[str, Any]) -> dict[str, Any]:
+    """A run's recorded settings (settings.yaml) back into overrides for `resolve`: derived
+    keys dropped, the variant kept, or its slots where it is not a paper variant."""
+    derived = {"model.name", "data.files", "model.pooling", "model.strided_conv"}
+    out = {k: v for k, v in saved.items() if k in SCHEMA and k not in derived}
+    if saved.get("model.variant") is None:
+        out.pop("model.variant", None)
+        out["model.pooling"] = saved["model.pooling"]
+        out["model.strided_conv"] = saved["model.strided_conv"]
     return out

@@ -16,24 +16,27 @@ from __future__ import annotations
 import json
 import warnings
 import zlib
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from ablations import settings as S
-from ablations import storage as ST
-from ablations import sweep_file as SF
+from ablations.liveness import is_stale
+from ablations.record import DONE, Outcome, TrialRecord
+from ablations.settings import SCHEMA
+from ablations.storage import default_url, describe_url, open_storage
+from ablations.sweep_file import DEFINING, Sweep, SweepError, cell_id, check_study_name, parse
 
 MAX_ATTEMPTS = 2  # a cell whose trial raised is tried this many times in all, then left
 
 DEFINITION_ATTR = "sweep.definition"
 
-DONE_STATES = ("complete", "pruned", "diverged")
+DONE_STATES = DONE
 
 
-def sampler_for(sweep: SF.Sweep, worker: int = 0) -> optuna.samplers.BaseSampler:
+def sampler_for(sweep: Sweep, worker: int = 0) -> optuna.samplers.BaseSampler:
     # every worker rebuilds the sampler from the file; distinct seeds stop two workers of a
     # random sweep from drawing the same sequence
     seed = zlib.crc32(sweep.name.encode()) % 2**31 + worker
@@ -42,7 +45,7 @@ def sampler_for(sweep: SF.Sweep, worker: int = 0) -> optuna.samplers.BaseSampler
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def pruner_for(sweep: SF.Sweep) -> optuna.pruners.BasePruner:
+def pruner_for(sweep: Sweep) -> optuna.pruners.BasePruner:
     if sweep.hyperband is None:
         return optuna.pruners.NopPruner()
     hb = sweep.hyperband
@@ -80,10 +83,10 @@ def only_written_out(old: dict[str, Any], new: dict[str, Any], trials: list) -> 
 
 
 def open_study(
-    sweep: SF.Sweep, url: str, study_name: str, *, create: bool, worker: int = 0
+    sweep: Sweep, url: str, study_name: str, *, create: bool, worker: int = 0
 ) -> optuna.Study:
     """Create or join; a name reused with a different definition is refused before writing."""
-    storage = ST.open_storage(url, create=create)
+    storage = open_storage(url, create=create)
     direction = "minimize" if sweep.goal == "minimize" else "maximize"
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     new = _defined(json.loads(json.dumps(sweep.definition(), default=str)))
@@ -95,14 +98,14 @@ def open_study(
             ran = storage.get_all_trials(storage.get_study_id_from_name(study_name))
             written_out = only_written_out(old, new, ran)
             if not written_out:
-                changed = sorted(k for k in SF.DEFINING if old.get(k) != new.get(k))
-                raise SF.SweepError(
-                    f"study {study_name!r} in {ST.describe_url(url)} was made from a different "
+                changed = sorted(k for k in DEFINING if old.get(k) != new.get(k))
+                raise SweepError(
+                    f"study {study_name!r} in {describe_url(url)} was made from a different "
                     f"sweep definition (differs in: {', '.join(changed)}); use another name "
                     "(--study NAME) or the original file"
                 )
     elif not create:
-        raise SF.SweepError(f"no study {study_name!r} in {ST.describe_url(url)}")
+        raise SweepError(f"no study {study_name!r} in {describe_url(url)}")
     study = optuna.create_study(
         study_name=study_name,
         storage=storage,
@@ -126,25 +129,11 @@ def open_study(
 
 
 MAX_CONSECUTIVE_FAILURES = 5  # a random/bayes sweep stops after this many failed trials in a row
-INTERRUPTED_ATTR = "interrupted"  # set on a trial ended by a signal or a dead worker
 
 
-def trial_state(t: optuna.trial.FrozenTrial) -> str:
-    """complete, failed, interrupted, pruned, diverged, running or waiting.
-
-    `interrupted`: stopped by a signal or by its worker's death, so it says nothing about the
-    cell; it is run again and never counts as one of the cell's failed attempts."""
-    if t.user_attrs.get("state") == "diverged":
-        return "diverged"
-    if t.state == TrialState.FAIL and t.user_attrs.get(INTERRUPTED_ATTR):
-        return "interrupted"
-    return {
-        TrialState.COMPLETE: "complete",
-        TrialState.PRUNED: "pruned",
-        TrialState.FAIL: "failed",
-        TrialState.RUNNING: "running",
-        TrialState.WAITING: "waiting",
-    }[t.state]
+def trial_state(t: FrozenTrial) -> Outcome:
+    """How the trial ended, or that it has not (its record's outcome)."""
+    return TrialRecord.of(t).outcome
 
 
 RETRY_ATTR = "sweep.retry_from"  # trials numbered below it no longer count as attempts
@@ -162,67 +151,93 @@ def skipped(study: optuna.Study) -> set[str]:
     return set(study.user_attrs.get(SKIPPED_ATTR, []))
 
 
+@dataclass
+class CellState:
+    """A grid cell, its trials, and its state: an outcome of DONE_STATES, running, failed
+    (given up after MAX_ATTEMPTS failed trials) or left (still to run)."""
+
+    cell: dict[str, Any]
+    trials: list[FrozenTrial] = field(default_factory=list)
+    state: str = "left"
+
+
 def cell_states(
-    sweep: SF.Sweep, trials: list, since: int = 0, skip: set[str] = frozenset()
-) -> dict[str, dict[str, Any]]:
-    """Per grid cell: its state (done / running / failed / left) and its trials; a cell is
-    given up (failed) after MAX_ATTEMPTS failed trials, interrupted ones not counted."""
+    sweep: Sweep, trials: list, since: int = 0, skip: set[str] = frozenset()
+) -> dict[str, CellState]:
+    """Per grid cell (by cell_id), its state; interrupted trials are not attempts, and
+    failed ones numbered below `since` (see retry_from) no longer count."""
     valid, _ = sweep.cells()
-    cells = {
-        SF.cell_id(c): {"cell": c, "trials": [], "state": "left"}
-        for c in valid
-        if SF.cell_id(c) not in skip
-    }
+    cells = {cell_id(c): CellState(c) for c in valid if cell_id(c) not in skip}
     for t in trials:
         cid = t.user_attrs.get("cell")
         if cid in cells:
-            cells[cid]["trials"].append(t)
+            cells[cid].trials.append(t)
     for entry in cells.values():
-        states = [trial_state(t) for t in entry["trials"]]
-        attempts = [trial_state(t) for t in entry["trials"] if t.number >= since]
-        if any(s in DONE_STATES for s in states):
-            entry["state"] = next(s for s in states if s in DONE_STATES)
-        elif "running" in states:
-            entry["state"] = "running"
-        elif attempts.count("failed") >= MAX_ATTEMPTS:
-            entry["state"] = "failed"
+        states = [trial_state(t) for t in entry.trials]
+        attempts = [trial_state(t) for t in entry.trials if t.number >= since]
+        if any(s.done for s in states):
+            entry.state = next(s for s in states if s.done)
+        elif Outcome.RUNNING in states:
+            entry.state = Outcome.RUNNING
+        elif attempts.count(Outcome.FAILED) >= MAX_ATTEMPTS:
+            entry.state = Outcome.FAILED
     return cells
 
 
-def totals(study: optuna.Study, sweep: SF.Sweep) -> dict[str, int]:
-    """done, running, failed (trials), left (cells or trials still to run), given_up (grid
+def study_cells(study: optuna.Study, sweep: Sweep) -> dict[str, CellState]:
+    """cell_states of a study, with its retries and skipped cells taken into account."""
+    return cell_states(sweep, study.get_trials(deepcopy=False), retry_from(study), skipped(study))
+
+
+@dataclass(frozen=True)
+class Totals:
+    """done, running and failed trials; left: cells (or trials) still to run; given_up: grid
     cells left after MAX_ATTEMPTS failures, or a random/bayes sweep's remainder once it
-    stopped on consecutive failures) and cells."""
+    stopped on consecutive failures; cells: the grid's cells, or the run cap."""
+
+    done: int
+    running: int
+    failed: int
+    left: int
+    given_up: int
+    cells: int
+
+    @property
+    def unfinished(self) -> int:
+        return self.left + self.running
+
+
+def totals(study: optuna.Study, sweep: Sweep) -> Totals:
     trials = study.get_trials(deepcopy=False)
     states = [trial_state(t) for t in trials]
-    since = retry_from(study)
+    failed = states.count(Outcome.FAILED)
     if sweep.method == "grid":
-        cells = cell_states(sweep, trials, since, skipped(study))
-        by = [e["state"] for e in cells.values()]
-        return {
-            "done": sum(s in DONE_STATES for s in by),
-            "running": by.count("running"),
-            "failed": states.count("failed"),
-            "left": by.count("left"),
-            "given_up": by.count("failed"),
-            "cells": len(cells),
-        }
-    done = sum(s in DONE_STATES for s in states)
-    remaining = max(0, sweep.run_cap - done - states.count("running"))
-    stopped = failure_streak(trials, since) is not None
+        by = [e.state for e in study_cells(study, sweep).values()]
+        return Totals(
+            done=sum(s in DONE_STATES for s in by),
+            running=by.count(Outcome.RUNNING),
+            failed=failed,
+            left=by.count("left"),
+            given_up=by.count(Outcome.FAILED),
+            cells=len(by),
+        )
+    done = sum(s.done for s in states)
+    running = states.count(Outcome.RUNNING)
+    remaining = max(0, sweep.run_cap - done - running)
+    stopped = failure_streak(trials, retry_from(study)) is not None
     if target_reached(study, sweep):
         remaining = 0  # W&B's metric.target met: the sweep is done
-    return {
-        "done": done,
-        "running": states.count("running"),
-        "failed": states.count("failed"),
-        "left": 0 if stopped else remaining,
-        "given_up": remaining if stopped else 0,
-        "cells": sweep.run_cap,
-    }
+    return Totals(
+        done=done,
+        running=running,
+        failed=failed,
+        left=0 if stopped else remaining,
+        given_up=remaining if stopped else 0,
+        cells=sweep.run_cap,
+    )
 
 
-def target_reached(study: optuna.Study, sweep: SF.Sweep) -> bool:
+def target_reached(study: optuna.Study, sweep: Sweep) -> bool:
     """W&B's metric.target: a completed trial at or beyond it ends the sweep (no new trials)."""
     if sweep.target is None:
         return False
@@ -237,10 +252,10 @@ def failure_streak(trials: list, since: int = 0) -> str | None:
     failed (interrupted ones skipped), else None: a random or bayes sweep stops there rather
     than fail forever (a missing data set once made 5,681 failed trials in a minute)."""
     ordered = sorted((t for t in trials if t.number >= since), key=lambda t: t.number)
-    finished = [t for t in ordered if trial_state(t) != "running"]
-    finished = [t for t in finished if trial_state(t) not in ("interrupted", "waiting")]
+    unfinished = (Outcome.RUNNING, Outcome.INTERRUPTED, Outcome.WAITING)
+    finished = [t for t in ordered if trial_state(t) not in unfinished]
     last = finished[-MAX_CONSECUTIVE_FAILURES:]
-    if len(last) < MAX_CONSECUTIVE_FAILURES or any(trial_state(t) != "failed" for t in last):
+    if len(last) < MAX_CONSECUTIVE_FAILURES or any(trial_state(t) != Outcome.FAILED for t in last):
         return None
     return last[-1].user_attrs.get("error_message") or "no error message recorded"
 
@@ -249,7 +264,7 @@ def errors(study: optuna.Study) -> dict[str, int]:
     """Each distinct error message of the study's failed trials, with its count."""
     out: dict[str, int] = {}
     for t in study.get_trials(deepcopy=False):
-        if trial_state(t) == "failed":
+        if trial_state(t) == Outcome.FAILED:
             msg = t.user_attrs.get("error_message") or "no error message recorded"
             out[msg] = out.get(msg, 0) + 1
     return out
@@ -257,54 +272,53 @@ def errors(study: optuna.Study) -> dict[str, int]:
 
 def stale_pending(study: optuna.Study) -> bool:
     """RUNNING trials whose workers died: a run of the command must recover them."""
-    return any(
-        ST.is_stale(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-    )
+    return any(is_stale(t) for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
 
 
-def find(name: str | None, url: str | None, runs_dir: Path) -> tuple[optuna.Study, SF.Sweep]:
-    """The study by name (or the only one) in a storage URL or under runs_dir, and its sweep."""
+def find(name: str | None, url: str | None, runs_dir: Path) -> tuple[optuna.Study, Sweep]:
+    """The study by name (or the only one) in a storage URL or under runs_dir, and its sweep:
+    the one lookup of status, export, visualize and dashboard."""
     if name is not None:
-        SF.check_study_name(name)
+        check_study_name(name)
     if url is None:
+        names = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))
         if name is None:
-            names = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))
             if len(names) != 1:
-                raise SF.SweepError(
-                    "name the study: " + (", ".join(names) or f"no studies under {runs_dir}")
+                raise SweepError(
+                    f"name the study; studies under {runs_dir}: {', '.join(names) or 'none'}"
                 )
             name = names[0]
-        url = ST.default_url(name, runs_dir)
+        url = default_url(name, runs_dir)
         if not Path(url).exists():
-            names = sorted(p.parent.name for p in runs_dir.glob("*/optuna.journal"))
-            raise SF.SweepError(
-                f"no study {name!r} under {runs_dir}; studies there: {', '.join(names) or 'none'}"
+            raise SweepError(
+                f"no study {name!r} under {runs_dir}; studies under {runs_dir}: "
+                f"{', '.join(names) or 'none'}"
             )
-    storage = ST.open_storage(url)
+    storage = open_storage(url)
     names = [s.study_name for s in optuna.get_all_study_summaries(storage)]
     if not names:
-        raise SF.SweepError(f"no studies in {ST.describe_url(url)}")
+        raise SweepError(f"storage {describe_url(url)} has no studies")
     if name is None:
         if len(names) != 1:
-            raise SF.SweepError(f"name the study: {', '.join(names)}")
+            raise SweepError(f"name the study; studies in {describe_url(url)}: {', '.join(names)}")
         name = names[0]
     if name not in names:
-        raise SF.SweepError(
-            f"no study {name!r} in {ST.describe_url(url)}; studies there: {', '.join(names)}"
+        raise SweepError(
+            f"unknown study {name!r}; studies in {describe_url(url)}: {', '.join(names)}"
         )
     study = optuna.load_study(study_name=name, storage=storage)
     return study, stored_sweep(study)
 
 
-def stored_sweep(study: optuna.Study) -> SF.Sweep:
+def stored_sweep(study: optuna.Study) -> Sweep:
     """The sweep a study was made from, rebuilt from its stored definition."""
     if DEFINITION_ATTR not in study.user_attrs:
-        raise SF.SweepError(
+        raise SweepError(
             f"study {study.study_name!r} was not made by `ablate sweep` (it has no stored "
             "sweep definition); status, export and visualize read only such studies"
         )
     definition = {k: v for k, v in study.user_attrs[DEFINITION_ATTR].items() if v is not None}
-    return SF.parse(
+    return parse(
         {
             "name": study.user_attrs.get("sweep.name", study.study_name),
             **definition,
@@ -313,14 +327,14 @@ def stored_sweep(study: optuna.Study) -> SF.Sweep:
     )
 
 
-def suggest(trial: optuna.Trial, sweep: SF.Sweep) -> dict[str, Any]:
+def suggest(trial: optuna.Trial, sweep: Sweep) -> dict[str, Any]:
     """The trial's values of the swept settings, drawn by the study's sampler."""
     params = {}
     for key in sweep.swept:
         p = sweep.params[key]
         if p.values is not None:
             params[key] = trial.suggest_categorical(key, list(p.values))
-        elif S.SCHEMA[key].type is int:
+        elif SCHEMA[key].type is int:
             params[key] = trial.suggest_int(
                 key, int(p.low), int(p.high), step=p.step or 1, log=p.log
             )

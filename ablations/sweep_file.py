@@ -5,7 +5,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import math
 import os
 import re
 import time
@@ -15,7 +14,15 @@ from typing import Any
 
 import yaml
 
-from ablations import settings as S
+from ablations import settings
+from ablations.sweep_params import (
+    Param,
+    SweepError,
+    _check_keys,
+    _err,
+    flatten,
+    param,
+)
 from lightning_modules.family import SpecError
 
 TOP_KEYS = (
@@ -50,52 +57,9 @@ METHODS = {
 }
 GOALS = ("minimize", "maximize")
 METRICS = ("val/error", "val/loss", "train/loss", "test/error")
-PARAM_KEYS = ("value", "values", "distribution", "min", "max", "q", "mu", "sigma", "probabilities")
-# W&B's distributions that map onto Optuna's: name -> (log scale, min/max given as exponents)
-RANGES = {
-    "uniform": (False, False),
-    "int_uniform": (False, False),
-    "q_uniform": (False, False),
-    "log_uniform_values": (True, False),
-    "q_log_uniform_values": (True, False),
-    # 1/X log-uniform between 1/max and 1/min is X log-uniform between min and max
-    "inv_log_uniform_values": (True, False),
-    "log_uniform": (True, True),  # X = exp(U(min, max))
-    "q_log_uniform": (True, True),
-    "inv_log_uniform": (True, True),  # X = exp(-U(min, max))
-}
-DISTRIBUTIONS = ("constant", "categorical", *RANGES)
-# W&B's distributions with no bounded range: refused, naming the nearest that works
-UNBOUNDED = {
-    "normal": "uniform with min: mu - 2*sigma and max: mu + 2*sigma",
-    "q_normal": "q_uniform with min: mu - 2*sigma, max: mu + 2*sigma and the same q",
-    "log_normal": "log_uniform_values with min: exp(mu - 2*sigma) and max: exp(mu + 2*sigma)",
-    "q_log_normal": "log_uniform_values with min: exp(mu - 2*sigma), max: exp(mu + 2*sigma)",
-    "beta": "uniform with min: 0 and max: 1",
-    "q_beta": "q_uniform with min: 0, max: 1 and the same q",
-}
 EARLY_TERMINATE_KEYS = ("type", "min_iter", "max_iter", "eta", "s", "strict")
 # Keys a definition is compared on when a study name is reused; the rest may change.
 DEFINING = ("method", "metric", "parameters", "early_terminate", "selection")
-
-
-class SweepError(ValueError):
-    """A bad sweep file or a sweep that cannot start; the message names the key."""
-
-
-@dataclass(frozen=True)
-class Param:
-    key: str
-    values: tuple | None = None  # `value` or `values`
-    distribution: str | None = None  # as the file names it
-    low: float | None = None  # the setting's own range, after any exp() of W&B's exponents
-    high: float | None = None
-    step: float | None = None  # q_*: the values are multiples of it
-    log: bool = False
-
-    @property
-    def fixed(self) -> bool:
-        return self.values is not None and len(self.values) == 1 and self.distribution is None
 
 
 @dataclass
@@ -148,14 +112,14 @@ class Sweep:
 
     def _check(self, cell: dict[str, Any], valid: list, invalid: list) -> None:
         try:
-            S.resolve({**self.base, **cell})
-        except (S.SettingsError, SpecError) as err:
+            settings.resolve({**self.base, **cell})
+        except (settings.SettingsError, SpecError) as err:
             invalid.append((cell, str(err)))
         else:
             valid.append(cell)
 
     def epochs(self, cell: dict[str, Any]) -> int:
-        return int({**S.defaults(), **self.base, **cell}["train.epochs"])
+        return int({**settings.defaults(), **self.base, **cell}["train.epochs"])
 
 
 STUDY_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")
@@ -174,135 +138,6 @@ def check_study_name(name: str, where: str = "study name") -> str:
 def cell_id(cell: dict[str, Any]) -> str:
     """A cell's identity: its swept values, as canonical JSON."""
     return json.dumps(cell, sort_keys=True, default=str)
-
-
-def _err(msg: str) -> SweepError:
-    return SweepError(msg)
-
-
-def _check_keys(where: str, got: dict, valid: tuple[str, ...]) -> None:
-    for key in got:
-        if key not in valid:
-            raise _err(
-                f"{where}: unknown key {key!r}{S.suggest(str(key), valid)} "
-                f"(valid keys: {', '.join(valid)})"
-            )
-
-
-def flatten(params: Any, prefix: str = "") -> dict[str, Any]:
-    """W&B's nested `parameters:` blocks as dotted keys: `model: {parameters: {width: ...}}`
-    is `model.width`."""
-    if not isinstance(params, dict):
-        raise _err(f"parameters{'.' + prefix.rstrip('.') if prefix else ''}: expected a mapping")
-    out: dict[str, Any] = {}
-    for key, spec in params.items():
-        if isinstance(spec, dict) and set(spec) == {"parameters"}:
-            out.update(flatten(spec["parameters"], f"{prefix}{key}."))
-        else:
-            out[f"{prefix}{key}"] = spec
-    return out
-
-
-def _param(key: str, spec: Any) -> Param:
-    where = f"parameters.{key}"
-    if not isinstance(spec, dict):
-        raise _err(
-            f"{where}: expected a mapping with one of value, values, distribution; got {spec!r}"
-        )
-    _check_keys(where, spec, PARAM_KEYS)
-    kind = S.check_key(key).type.__name__
-
-    def coerce(v: Any) -> Any:
-        try:
-            return S.coerce(key, v)
-        except S.SettingsError as err:
-            raise _err(f"{where}: {err}") from None
-
-    dist = spec.get("distribution")
-    if dist in UNBOUNDED:
-        raise _err(
-            f"{where}.distribution={dist} has no bounded range, which a sweep over a model "
-            f"setting needs; the nearest that works: {UNBOUNDED[dist]}"
-        )
-    if dist is not None and dist not in DISTRIBUTIONS:
-        raise _err(
-            f"{where}.distribution={dist!r} is not one of the valid values: "
-            f"{', '.join(DISTRIBUTIONS)}"
-        )
-    if "value" in spec:
-        extra = sorted(set(spec) - {"value", "distribution"})
-        if extra or dist not in (None, "constant"):
-            raise _err(f"{where}: 'value' cannot be combined with {extra or dist}")
-        return Param(key, (coerce(spec["value"]),))
-    if dist == "constant":
-        raise _err(f"{where}: distribution constant needs 'value'")
-    if "values" in spec:
-        values = spec["values"]
-        if not isinstance(values, list):
-            raise _err(f"{where}.values: expected a list, got {values!r}")
-        if not values:
-            raise _err(f"{where}.values is empty: give at least one value")
-        extra = sorted({"min", "max", "q", "mu", "sigma"} & set(spec))
-        if extra:
-            raise _err(f"{where}: 'values' cannot be combined with {', '.join(extra)}")
-        if dist not in (None, "categorical"):
-            raise _err(f"{where}: 'values' goes with distribution categorical, not {dist!r}")
-        if "probabilities" in spec:
-            raise _err(
-                f"{where}.probabilities: Optuna draws categorical values with equal "
-                "probability; the nearest that works: the same values without probabilities"
-            )
-        coerced = tuple(coerce(v) for v in values)
-        if len(set(map(repr, coerced))) != len(coerced):
-            raise _err(f"{where}.values has duplicates: {values}")
-        return Param(key, coerced)
-    if "min" not in spec or "max" not in spec:
-        raise _err(f"{where}: give 'value', 'values', or 'min' and 'max' with a distribution")
-    if dist is None:
-        dist = "int_uniform" if kind == "int" else "uniform"
-    if dist == "categorical":
-        raise _err(f"{where}: distribution categorical needs 'values'")
-    if kind not in ("int", "float"):
-        raise _err(f"{where}: a {dist} distribution needs a numeric setting; {key} is {kind}")
-    log, exponents = RANGES[dist]
-    if exponents:
-        if not all(isinstance(spec[k], int | float) for k in ("min", "max")):
-            raise _err(f"{where}: min and max of {dist} are numbers (exponents of e)")
-        ends = sorted(
-            math.exp(-x if dist.startswith("inv_") else x) for x in (spec["min"], spec["max"])
-        )
-        lo, hi = (
-            coerce(ends[0] if kind == "float" else round(ends[0])),
-            coerce(ends[1] if kind == "float" else round(ends[1])),
-        )
-    else:
-        lo, hi = coerce(spec["min"]), coerce(spec["max"])
-    if dist == "int_uniform" and kind != "int":
-        raise _err(f"{where}: int_uniform needs an integer setting; {key} is {kind}")
-    if not lo < hi:
-        raise _err(f"{where}: min ({lo}) must be below max ({hi})")
-    if log and lo <= 0:
-        raise _err(f"{where}: {dist} needs min > 0, got {lo}")
-    step = None
-    if dist.startswith("q_"):
-        q = spec.get("q", 1)
-        if not isinstance(q, int | float) or isinstance(q, bool) or q <= 0:
-            raise _err(f"{where}.q={q!r} must be a positive number")
-        if kind == "int" and q != int(q):
-            raise _err(f"{where}.q={q}: {key} is an integer setting, so q must be one too")
-        if log and (kind == "float" or q != 1):
-            # Optuna draws on a log scale or on a grid of steps, not both (q 1 on an integer)
-            raise _err(
-                f"{where}: {dist} with q={q} on a log scale is not one of Optuna's "
-                "distributions; the nearest that works: log_uniform_values, or q_uniform "
-                "on a linear scale"
-            )
-        step = int(q) if kind == "int" else float(q)
-        if (hi - lo) / step < 1:
-            raise _err(f"{where}: q={q} is wider than the range [{lo}, {hi}]")
-    elif "q" in spec:
-        raise _err(f"{where}: q goes with a q_* distribution, not {dist}")
-    return Param(key, None, dist, lo, hi, step, log)
 
 
 def _selection(raw: Any, params: dict[str, Param]) -> dict[str, Any] | None:
@@ -326,8 +161,8 @@ def _selection(raw: Any, params: dict[str, Param]) -> dict[str, Any] | None:
             if key not in c:
                 raise _err(f"selection.cells: every cell must set {key}")
             try:
-                v = S.coerce(key, c[key])
-            except S.SettingsError as err:
+                v = settings.coerce(key, c[key])
+            except settings.SettingsError as err:
                 raise _err(f"selection.cells: {err}") from None
             c[key] = v
             if repr(v) not in map(repr, values):
@@ -372,12 +207,13 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
         raise _err("parameters: expected a non-empty mapping of setting keys")
     params_raw = flatten(raw["parameters"])
     for key in params_raw:
-        if key not in S.SCHEMA:
+        if key not in settings.SCHEMA:
             raise _err(
-                f"parameters: unknown setting {key!r}{S.suggest(str(key), list(S.SCHEMA))}"
-                f" (valid keys: {', '.join(S.SCHEMA)})"
+                f"parameters: unknown setting {key!r}"
+                f"{settings.suggest(str(key), list(settings.SCHEMA))}"
+                f" (valid keys: {', '.join(settings.SCHEMA)})"
             )
-    params = {k: _param(k, v) for k, v in params_raw.items()}
+    params = {k: param(k, v) for k, v in params_raw.items()}
     selection = _selection(raw.get("selection"), params)
     if "model.variant" in params:
         clash = [k for k in ("model.pooling", "model.strided_conv") if k in params]
@@ -456,8 +292,8 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
             "metric train/loss (as ablate export --final-sweep writes)"
         )
     try:
-        S.resolve(sweep.base)
-    except (S.SettingsError, SpecError) as err:
+        settings.resolve(sweep.base)
+    except (settings.SettingsError, SpecError) as err:
         raise _err(f"parameters: the fixed values are invalid: {err}") from None
     if method == "grid":
         valid, _ = sweep.cells()

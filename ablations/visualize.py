@@ -21,9 +21,10 @@ import argparse
 from pathlib import Path
 from typing import Any
 
-from ablations import settings as S
-from ablations import study as SD
-from ablations import sweep_file as SF
+from ablations.record import Outcome, TrialRecord
+from ablations.settings import coerce
+from ablations.study import find
+from ablations.sweep_file import SweepError
 from ablations.visualize_spec import VisualizeError
 
 
@@ -32,36 +33,34 @@ def study_runs(
 ) -> tuple[list[tuple[Path, str]], Path]:
     """(run folder, label) of each chosen finished trial, one per model; and the output dir."""
     try:
-        study, _ = SD.find(name, None, runs_dir)
-    except SF.SweepError as err:
+        study, _ = find(name, None, runs_dir)
+    except SweepError as err:
         raise VisualizeError(str(err)) from None
-    done = [t for t in study.get_trials(deepcopy=False) if SD.trial_state(t) == "complete"]
+    records = {t.number: TrialRecord.of(t) for t in study.get_trials(deepcopy=False)}
+    done = {n: r for n, r in records.items() if r.outcome == Outcome.COMPLETE}
     if not done:
         raise VisualizeError(f"study {name!r} has no finished trials to visualise")
     if trial is not None:
-        chosen = [t for t in done if t.number == trial]
+        chosen = {n: r for n, r in done.items() if n == trial}
         if not chosen:
-            numbers = ", ".join(str(t.number) for t in done)
+            numbers = ", ".join(str(n) for n in done)
             raise VisualizeError(f"trial {trial} of {name!r} did not finish; finished: {numbers}")
     else:
-        chosen = [
-            t
-            for t in done
-            if all(
-                str(t.user_attrs.get("settings", {}).get(k)) == str(v) for k, v in filters.items()
-            )
-        ]
+        chosen = {
+            n: r
+            for n, r in done.items()
+            if all(str(r.settings.get(k)) == str(v) for k, v in filters.items())
+        }
         if not chosen:
             raise VisualizeError(f"no finished trial of {name!r} matches {filters}")
-        by_model: dict[str, Any] = {}
-        for t in sorted(chosen, key=lambda t: t.number):
-            by_model.setdefault(t.user_attrs["settings"]["model.name"], t)
-        chosen = list(by_model.values())
+        by_model: dict[str, int] = {}
+        for n in sorted(chosen):
+            by_model.setdefault(chosen[n].model_name, n)
+        chosen = {n: chosen[n] for n in by_model.values()}
     out = []
-    for t in chosen:
-        s = t.user_attrs["settings"]
-        label = f"{s['model.name']} (seed {s['seed']}, trial {t.number})"
-        out.append((Path(t.user_attrs["run_dir"]), label))
+    for n, r in chosen.items():
+        label = f"{r.model_name} (seed {r.settings['seed']}, trial {n})"
+        out.append((Path(r.provenance.run_dir), label))
     return out, runs_dir / name / "visualize"
 
 
@@ -74,7 +73,7 @@ def _filters(items: list[str]) -> dict[str, Any]:
         key, sep, value = item.partition("=")
         if not sep:
             raise VisualizeError(f"{item!r} is not a key=value filter (e.g. model.variant=all-cnn)")
-        out[key] = S.coerce(key, value)
+        out[key] = coerce(key, value)
     return out
 
 

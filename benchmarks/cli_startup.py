@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common as C
+from benchmarks import common
 
 ROOT = Path(__file__).resolve().parents[1]
 COMMANDS = {
@@ -35,10 +35,10 @@ COMMANDS = {
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = C.parser(__doc__.splitlines()[0])
+    p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     args = p.parse_args(argv)
-    return C.in_scratch(run_benchmark, args, "cli")
+    return common.in_scratch(run_benchmark, args, "cli")
 
 
 def run_benchmark(args, root: Path) -> dict[str, Any]:
@@ -52,7 +52,7 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
             t0 = time.perf_counter()
             subprocess.run(cmd, cwd=root, env=env, check=True, capture_output=True)
             seconds[name].append(time.perf_counter() - t0)
-    figures = {name: C.spread(xs, 2) for name, xs in seconds.items()}
+    figures = {name: common.spread(xs, 2) for name, xs in seconds.items()}
     floor = figures["import optuna, pandas (floor)"]["median"]
     figures["over_floor_seconds"] = {
         name: round(f["median"] - floor, 2) for name, f in figures.items() if "floor" not in name
@@ -60,7 +60,7 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
     for name, f in figures.items():
         print(f"  {name}: {f}")
     used = {"repeats": args.repeats, "study": "tests/test_export.py make_study (12 trials)"}
-    path = C.write_result("cli_startup", figures, used, args.out)
+    path = common.write_result("cli_startup", figures, used, args.out)
     print(f"cli start-up: wrote {path}")
     return figures
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
-from ablations import settings as S
+from ablations import settings
 from ablations.run import git_commit
 from datamodules import DeviceLoader
 from lightning_modules.family import ModelSpec
@@ -112,7 +112,7 @@ def sync(device: torch.device | str) -> None:
 
 
 def resolved(overrides: dict[str, Any]) -> dict[str, Any]:
-    return S.resolve({**ALL_CNN_C, **overrides})
+    return settings.resolve({**ALL_CNN_C, **overrides})
 
 
 def parser(description: str) -> argparse.ArgumentParser:

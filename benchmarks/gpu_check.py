@@ -35,10 +35,8 @@ from typing import Any
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ablations import run
-from ablations import settings as S
-from ablations import sweep_file as SF
-from benchmarks import common as C
+from ablations import run, settings, sweep_file
+from benchmarks import common
 from benchmarks.loader import device_loader_ips
 from datamodules import DeviceLoader
 from lightning_modules.family import paper_presets
@@ -85,7 +83,7 @@ class EpochClock(Callback):
         self._t: dict[str, float] = {}
 
     def _now(self, pl_module) -> float:
-        C.sync(pl_module.device)
+        common.sync(pl_module.device)
         return time.perf_counter()
 
     def on_train_epoch_start(self, trainer, pl_module) -> None:
@@ -121,7 +119,8 @@ class EpochClock(Callback):
         train = sum(e["train"] for e in self.epochs)
         out = {"images_per_second": sum(e["images"] for e in self.epochs) / train}
         if done:  # what an epoch costs beyond its training and validation batches
-            out["epoch_fixed_seconds"] = C.median([e["wall"] - e["train"] - e["val"] for e in done])
+            fixed = [e["wall"] - e["train"] - e["val"] for e in done]
+            out["epoch_fixed_seconds"] = common.median(fixed)
         return out
 
 
@@ -161,11 +160,11 @@ class SyncCounter(Callback):
 
 def paper_settings(size: dict[str, Any], root: Path, **overrides: Any) -> dict[str, Any]:
     """sweeps/paper_table3.yaml's fixed settings, on synthetic data of the same shape."""
-    sweep = SF.load(ROOT / "sweeps" / "paper_table3.yaml")
-    return S.resolve(
+    sweep = sweep_file.load(ROOT / "sweeps" / "paper_table3.yaml")
+    return settings.resolve(
         {
             **sweep.base,
-            **C.ALL_CNN_C,
+            **common.ALL_CNN_C,
             "model.width": size["width"],
             "data.subset": size["subset"],
             "data.dir": str(root / "data"),
@@ -191,7 +190,7 @@ def pipeline(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = C.parser(__doc__.splitlines()[0])
+    p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--budget", type=float, default=240, help="seconds; the rest is skipped")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
     p.add_argument(
@@ -201,7 +200,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         help="cpu: the shortened run, even where a GPU is present (the test's)",
     )
     args = p.parse_args(argv)
-    return C.in_scratch(run_check, args, "gpu-check")
+    return common.in_scratch(run_check, args, "gpu-check")
 
 
 def run_check(args, root: Path) -> dict[str, Any]:
@@ -249,7 +248,7 @@ def run_check(args, root: Path) -> dict[str, Any]:
             torch._dynamo.reset()  # a fresh compile each time, and no recompile limit hit
         t0 = time.perf_counter()
         bare[key] = round(
-            C.bare_train(
+            common.bare_train(
                 spec,
                 x,
                 y,
@@ -296,10 +295,10 @@ def run_check(args, root: Path) -> dict[str, Any]:
     xe, ye = x[: size["eval_images"]], y[: size["eval_images"]]
     evals = {
         "no_grad batch 1024": round(
-            C.eval_images_per_second(net, xe, ye, batch_size=1024, precision=auto, passes=3), 1
+            common.eval_images_per_second(net, xe, ye, batch_size=1024, precision=auto, passes=3), 1
         ),
         "grad batch 128": round(
-            C.eval_images_per_second(
+            common.eval_images_per_second(
                 net, xe, ye, batch_size=128, precision=auto, grad=True, passes=3
             ),
             1,
@@ -315,7 +314,7 @@ def run_check(args, root: Path) -> dict[str, Any]:
         if not budget_left(f"paper model {name}"):
             continue
         model_spec = replace(model_spec, width=size["width"])
-        train_ips = C.bare_train(
+        train_ips = common.bare_train(
             model_spec,
             x,
             y,
@@ -326,7 +325,7 @@ def run_check(args, root: Path) -> dict[str, Any]:
         )
         if cuda:
             m = build(model_spec).to(device).to(memory_format=torch.channels_last)
-            eval_ips = C.eval_images_per_second(m, xe, ye, batch_size=1024, precision=auto)
+            eval_ips = common.eval_images_per_second(m, xe, ye, batch_size=1024, precision=auto)
         else:
             eval_ips = evals["no_grad batch 1024"] * train_ips / bare[f"batch {batch0} {auto}"]
         models[name] = {"train": round(train_ips, 1), "eval": round(eval_ips, 1)}
@@ -376,11 +375,11 @@ def run_check(args, root: Path) -> dict[str, Any]:
         "sweep": "sweeps/paper_table3.yaml",
         "run_settings": settings,
     }
-    path = C.write_result("gpu_check", figures, used, args.out)
+    path = common.write_result("gpu_check", figures, used, args.out)
     proj = figures["projection"]
     print(
         f"projected: 350-epoch protocol {proj.get('protocol_hours')} h, paper_table3 "
-        f"{proj.get('paper_table3_hours_one_gpu')} h on one {C.machine()['gpu'] or 'CPU'}; "
+        f"{proj.get('paper_table3_hours_one_gpu')} h on one {common.machine()['gpu'] or 'CPU'}; "
         f"{figures['elapsed_seconds']} s; wrote {path}"
     )
     return figures
@@ -389,16 +388,18 @@ def run_check(args, root: Path) -> dict[str, Any]:
 SHARED_WORKER = """
 import json, sys, time
 import torch
-from benchmarks import common as C
+from benchmarks import common
 from lightning_modules.family import ModelSpec
 
 path, device, batch, steps, warmup, precision, start_at = sys.argv[1:]
 data = torch.load(path)
 x, y = data["x"].to(device), data["y"].to(device)
 spec = ModelSpec(**data["spec"])
-C.bare_train(spec, x, y, batch_size=int(batch), steps=1, warmup=int(warmup), precision=precision)
+common.bare_train(
+    spec, x, y, batch_size=int(batch), steps=1, warmup=int(warmup), precision=precision
+)
 time.sleep(max(0.0, float(start_at) - time.time()))  # every trainer starts its timing together
-ips = C.bare_train(
+ips = common.bare_train(
     spec, x, y, batch_size=int(batch), steps=int(steps), warmup=1, precision=precision
 )
 print(json.dumps({"images_per_second": ips}))
@@ -449,12 +450,12 @@ def project(piped, bare, evals, models, batch, auto) -> dict[str, Any]:
         f"images/s, {fixed:.2f} s per epoch besides; data loading and ZCA once per run "
         "not counted",
     }
-    sweep = SF.load(ROOT / "sweeps" / "paper_table3.yaml")
+    sweep = sweep_file.load(ROOT / "sweeps" / "paper_table3.yaml")
     cells, _ = sweep.cells()
     if models:
         total = 0.0
         for cell in cells:
-            name = S.model_spec(S.resolve({**sweep.base, **cell})).name
+            name = settings.model_spec(settings.resolve({**sweep.base, **cell})).name
             m = models.get(name)
             if m is None:
                 return {**out, "paper_table3_note": f"model {name} not measured"}

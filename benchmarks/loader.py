@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader
 
-from benchmarks import common as C
+from benchmarks import common
 from benchmarks.throughput import ImageArray, cifar_transforms
 from datamodules import AllConvDataModule, DeviceLoader, make_synthetic
 
@@ -29,13 +29,13 @@ def device_loader_ips(loader: DeviceLoader, epochs: int) -> float:
     """Images/s over whole epochs; the first is a warm-up."""
     for _ in loader:
         pass
-    C.sync(loader.x.device)
+    common.sync(loader.x.device)
     t0 = time.perf_counter()
     images = 0
     for _ in range(epochs):
         for xb, _ in loader:
             images += len(xb)
-    C.sync(loader.x.device)
+    common.sync(loader.x.device)
     return images / (time.perf_counter() - t0)
 
 
@@ -46,7 +46,7 @@ def dataloader_ips(loader: DataLoader, device: str) -> float:
     for xb, yb in loader:
         xb, yb = xb.to(device, non_blocking=True), yb.to(device, non_blocking=True)
         images += len(xb)
-    C.sync(device)
+    common.sync(device)
     return images / (time.perf_counter() - t0)
 
 
@@ -72,11 +72,11 @@ def device_loader(
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = C.parser(__doc__.splitlines()[0])
+    p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--device-epochs", type=int, default=5, help="epochs per device-loader run")
     args = p.parse_args(argv)
-    return C.in_scratch(run_benchmark, args, "loader")
+    return common.in_scratch(run_benchmark, args, "loader")
 
 
 def run_benchmark(args, root: Path) -> dict[str, Any]:
@@ -110,17 +110,17 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
             for w, tv in torchvision_loaders.items()
         },
     }
-    ips = C.interleaved(sides, args.repeats)
+    ips = common.interleaved(sides, args.repeats)
     dev = ips["device_loader flip-translate"]
     ratios = {
-        f"device_vs_torchvision_num_workers={w}": C.spread(
+        f"device_vs_torchvision_num_workers={w}": common.spread(
             [a / b for a, b in zip(dev, ips[f"torchvision num_workers={w}"])], 2
         )
         for w in torchvision_loaders
     }
     worst = min(r["median"] for r in ratios.values())
     figures = {
-        "images_per_second": {k: C.spread(v, 0) for k, v in ips.items()},
+        "images_per_second": {k: common.spread(v, 0) for k, v in ips.items()},
         **ratios,
         "target_ratio": TARGET,
         "met": worst >= TARGET,
@@ -138,7 +138,7 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
         f"pin_memory={pin}) over PIL images: RandomCrop(32, padding=4), RandomHorizontalFlip, "
         "ToTensor, Normalize; first epoch untimed",
     }
-    path = C.write_result("loader", figures, used, args.out)
+    path = common.write_result("loader", figures, used, args.out)
     print(f"device loader vs torchvision: worst median ratio {worst:.1f}x; wrote {path}")
     return figures
 

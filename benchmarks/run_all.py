@@ -12,22 +12,21 @@ import time
 
 import torch
 
-from benchmarks import cli_startup, gpu_check, loader, sweep_overhead, throughput
-from benchmarks import common as C
+from benchmarks import cli_startup, common, gpu_check, loader, sweep_overhead, throughput
 
 
 def main(argv: list[str] | None = None) -> None:
-    args = C.parser(__doc__.splitlines()[0]).parse_args(argv)
-    common = ["--out", str(args.out)]
+    args = common.parser(__doc__.splitlines()[0]).parse_args(argv)
+    out = ["--out", str(args.out)]
     threads = ["--threads", str(args.threads)] if args.threads else []
     runs = [
-        ("loader", loader.main, common + threads),
-        ("throughput", throughput.main, common + threads),
-        ("sweep_overhead", sweep_overhead.main, common),  # workers pick their own threads
-        ("cli_startup", cli_startup.main, common),
+        ("loader", loader.main, out + threads),
+        ("throughput", throughput.main, out + threads),
+        ("sweep_overhead", sweep_overhead.main, out),  # workers pick their own threads
+        ("cli_startup", cli_startup.main, out),
     ]
     if torch.cuda.is_available():
-        runs.append(("gpu_check", gpu_check.main, common))
+        runs.append(("gpu_check", gpu_check.main, out))
     t0 = time.perf_counter()
     for name, main_fn, argv_ in runs:
         t = time.perf_counter()

@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from benchmarks import common as C
+from benchmarks import common
 
 TARGET_SECONDS = 3.0  # 10% of a 30-second trial
 CELLS_AT_SCALE = 48  # sweeps/paper_table3.yaml
@@ -109,18 +109,18 @@ def one_sweep(root: Path, workers: int, wandb: str, subset: int) -> dict[str, An
         "sum_fit_seconds": round(sum(fits), 2),
         "fit_seconds": [round(f, 2) for f in fits],
         "overhead_per_trial_seconds": round(per_trial, 2),
-        "in_trial_overhead_seconds": round(C.median(in_trial), 2),
+        "in_trial_overhead_seconds": round(common.median(in_trial), 2),
         "fixed_seconds_per_sweep": round(workers * wall - sum(spans), 2),
         "overhead_share_of_30s_trial": round(per_trial / 30, 3),
         # the same fixed costs spread over a grid the size of paper_table3
         "overhead_per_trial_at_48_cells_seconds": round(
-            C.median(in_trial) + (workers * wall - sum(spans)) / CELLS_AT_SCALE, 2
+            common.median(in_trial) + (workers * wall - sum(spans)) / CELLS_AT_SCALE, 2
         ),
     }
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = C.parser(__doc__.splitlines()[0])
+    p = common.parser(__doc__.splitlines()[0])
     p.add_argument(
         "--runs",
         nargs="+",
@@ -129,7 +129,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     p.add_argument("--subset", type=int, default=1024, help="training images per trial")
     args = p.parse_args(argv)
-    return C.in_scratch(run_benchmark, args, "sweep")
+    return common.in_scratch(run_benchmark, args, "sweep")
 
 
 def import_seconds() -> float:
@@ -169,7 +169,7 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
         "command": "python -m ablations.cli sweep FILE --workers N --wandb MODE",
         "cells": 4,
     }
-    path = C.write_result("sweep_overhead", figures, used, args.out)
+    path = common.write_result("sweep_overhead", figures, used, args.out)
     print(f"sweep overhead: worst {worst} s per trial, in-trial {marginal} s; wrote {path}")
     return figures
 

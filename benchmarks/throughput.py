@@ -31,7 +31,7 @@ from torch.utils.data import DataLoader, Dataset
 from torchvision import transforms
 
 from ablations import run
-from benchmarks import common as C
+from benchmarks import common
 from datamodules import make_synthetic
 from lightning_modules.family import ModelSpec
 from lightning_modules.net import build
@@ -99,7 +99,7 @@ def typical_user(spec: ModelSpec, raw, n: int, warmup: int, root: Path) -> float
         shuffle=True,
         num_workers=TYPICAL_WORKERS,
     )
-    clock = C.StepClock(warmup)
+    clock = common.StepClock(warmup)
     trainer = L.Trainer(
         max_epochs=1,
         accelerator="auto",
@@ -116,7 +116,7 @@ def typical_user(spec: ModelSpec, raw, n: int, warmup: int, root: Path) -> float
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    p = C.parser(__doc__.splitlines()[0])
+    p = common.parser(__doc__.splitlines()[0])
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--steps", type=int, default=6, help="timed steps per run")
     p.add_argument("--warmup", type=int, default=2, help="untimed steps per run")
@@ -127,13 +127,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--factor-steps", type=int, default=2)
     p.add_argument("--eval-images", type=int, default=1024)
     args = p.parse_args(argv)
-    return C.in_scratch(run_benchmark, args, "throughput")
+    return common.in_scratch(run_benchmark, args, "throughput")
 
 
 def run_benchmark(args, root: Path) -> dict[str, Any]:
     device = "cuda" if torch.cuda.is_available() else "cpu"
     n_train = 128 * (args.warmup + max(args.steps, args.typical_steps))
-    settings = C.resolved(
+    settings = common.resolved(
         {
             "data.augment": "flip-translate",
             "data.subset": n_train,
@@ -150,7 +150,7 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
 
     def pipeline(s: dict[str, Any] = settings, progress: bool = True) -> Callable[[], float]:
         def side() -> float:
-            clock = C.StepClock(args.warmup)
+            clock = common.StepClock(args.warmup)
             run.train(s, root / f"pipeline-{next(runs)}", callbacks=[clock], progress=progress)
             return clock.images_per_second
 
@@ -164,7 +164,7 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
         model: ModelSpec = spec,
         batch_size: int = 128,
     ) -> Callable[[], float]:
-        return lambda: C.bare_train(
+        return lambda: common.bare_train(
             model,
             x,
             y,
@@ -185,20 +185,20 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
         f"{torch.get_num_threads()} threads"
     )
     print("targets: the pipeline, the bare loop, the typical Lightning user")
-    targets = C.interleaved(
+    targets = common.interleaved(
         {"pipeline": pipeline(), "bare": bare(), "typical": typical},
         args.repeats,
         every={"typical": args.typical_every},
     )
-    vs_bare = C.ratios(targets["pipeline"], targets["bare"])
-    vs_typical = C.ratios(targets["pipeline"], targets["typical"])
+    vs_bare = common.ratios(targets["pipeline"], targets["bare"])
+    vs_typical = common.ratios(targets["pipeline"], targets["typical"])
 
     # The same paths with a net too small to cost anything (width 0.02, batch 8): what is
     # left per step is the framework's own time, the figure that matters where a step takes
     # a few ms (a GPU). "pipeline quiet" is run.train as sweep trials call it, no progress bar.
     print("overhead: the pipeline and the bare loop at model.width=0.02, batch 8")
     tiny_steps, tiny_batch = args.overhead_steps, 8
-    tiny = C.resolved(
+    tiny = common.resolved(
         {
             **settings,
             "model.width": 0.02,
@@ -207,7 +207,7 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
         }
     )
     tiny_spec = replace(spec, width=0.02)
-    small = C.interleaved(
+    small = common.interleaved(
         {
             "pipeline": pipeline(tiny),
             "pipeline quiet": pipeline(tiny, progress=False),
@@ -215,12 +215,12 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
         },
         args.repeats,
     )
-    ms = {k: tiny_batch * 1e3 / C.median([v for v in vs if v]) for k, vs in small.items()}
+    ms = {k: tiny_batch * 1e3 / common.median([v for v in vs if v]) for k, vs in small.items()}
 
     print("factors: the bare loop with precision or memory format switched")
     fp32 = "32-true"
     steps, warm = args.factor_steps, 1
-    factors = C.interleaved(
+    factors = common.interleaved(
         {
             f"{precision} channels_last": bare(steps=steps, warmup=warm),
             f"{precision} nchw": bare(channels_last=False, steps=steps, warmup=warm),
@@ -233,15 +233,15 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
     print("eval: no gradients at batch 1024 (the pipeline), at 128, and 128 with gradients")
     net = build(spec).to(device).to(memory_format=torch.channels_last)
     xe, ye = x[: args.eval_images], y[: args.eval_images]
-    evals = C.interleaved(
+    evals = common.interleaved(
         {
-            "no_grad batch 1024": lambda: C.eval_images_per_second(
+            "no_grad batch 1024": lambda: common.eval_images_per_second(
                 net, xe, ye, batch_size=1024, precision=precision
             ),
-            "no_grad batch 128": lambda: C.eval_images_per_second(
+            "no_grad batch 128": lambda: common.eval_images_per_second(
                 net, xe, ye, batch_size=128, precision=precision
             ),
-            "grad batch 128": lambda: C.eval_images_per_second(
+            "grad batch 128": lambda: common.eval_images_per_second(
                 net, xe, ye, batch_size=128, precision=precision, grad=True
             ),
         },
@@ -249,21 +249,21 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
     )
 
     figures = {
-        "images_per_second": {k: C.spread(v) for k, v in targets.items()},
-        "pipeline_vs_bare": C.spread(vs_bare, 3),
-        "pipeline_vs_typical": C.spread(vs_typical, 3),
+        "images_per_second": {k: common.spread(v) for k, v in targets.items()},
+        "pipeline_vs_bare": common.spread(vs_bare, 3),
+        "pipeline_vs_typical": common.spread(vs_typical, 3),
         "target_pipeline_vs_bare": TARGET_VS_BARE,
         "target_pipeline_vs_typical": TARGET_VS_TYPICAL,
-        "met_pipeline_vs_bare": C.median(vs_bare) >= TARGET_VS_BARE,
-        "met_pipeline_vs_typical": C.median(vs_typical) >= TARGET_VS_TYPICAL,
+        "met_pipeline_vs_bare": common.median(vs_bare) >= TARGET_VS_BARE,
+        "met_pipeline_vs_typical": common.median(vs_typical) >= TARGET_VS_TYPICAL,
         "overhead_width_0.02_batch_8": {
-            "images_per_second": {k: C.spread(v) for k, v in small.items()},
+            "images_per_second": {k: common.spread(v) for k, v in small.items()},
             "ms_per_step": {k: round(v, 2) for k, v in ms.items()},
             "pipeline_overhead_ms_per_step": round(ms["pipeline"] - ms["bare"], 2),
             "pipeline_quiet_overhead_ms_per_step": round(ms["pipeline quiet"] - ms["bare"], 2),
         },
-        "factors_bare_images_per_second": {k: C.spread(v) for k, v in factors.items()},
-        "eval_images_per_second": {k: C.spread(v) for k, v in evals.items()},
+        "factors_bare_images_per_second": {k: common.spread(v) for k, v in factors.items()},
+        "eval_images_per_second": {k: common.spread(v) for k, v in evals.items()},
     }
     used = {
         "device": device,
@@ -292,7 +292,7 @@ def run_benchmark(args, root: Path) -> dict[str, Any]:
         f"num_workers={TYPICAL_WORKERS}",
         "run_settings": settings,
     }
-    path = C.write_result("throughput", figures, used, args.out)
+    path = common.write_result("throughput", figures, used, args.out)
     print(
         f"pipeline/bare {figures['pipeline_vs_bare']['median']}, pipeline/typical "
         f"{figures['pipeline_vs_typical']['median']}, framework overhead "
