@@ -23,9 +23,8 @@ data:
 	else echo "Fashion-MNIST missing: run 'sudo apt-get install dataset-fashion-mnist'"; exit 1; fi
 
 # Two test processes: much of a sweep test runs on one core (the launcher's start, its
-# closing export) while the other waits. On this project's 2-core machine
-# tests/test_faults.py took 381 s with two, against 464 s one at a time (two runs an hour
-# apart, not side by side). `pytest` alone runs them one at a time. The slowest are listed.
+# closing export) while the other waits. `pytest` alone runs them one at a time. The slowest
+# are listed.
 # What the tests start for real (PostgreSQL; pdflatex with booktabs for the LaTeX export;
 # Fashion-MNIST): installed from Debian as root; otherwise the tests that need them skip
 # and say why.

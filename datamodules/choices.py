@@ -13,10 +13,9 @@ PREPROCESS_CHOICES: dict[str, str] = {
 # What `data.preprocess=auto` (the default) means, per data set. GCN + ZCA is the paper's, and
 # on Fashion-MNIST with the paper's dropout it is what makes the eval-mode network as good as
 # the noisy one: after `standardize` the background (raw 0) sits at -0.81, and input dropout
-# makes a pattern eval mode never sees (README, "Recipe": 36.99% test error in eval mode
-# against 18.13% with dropout on; 15.57 / 17.59% after GCN + ZCA). The synthetic gratings need
-# no whitening, and its 3,072-dimensional ZCA fit costs about 20 s on one core: a smoke run's
-# whole budget.
+# makes a pattern eval mode never sees (docs/recipe.md gives the measured gap and the study
+# that measured it). The synthetic gratings need no whitening, and a 3,072-dimensional ZCA
+# fit would cost a smoke run more than its training.
 AUTO_PREPROCESS: dict[str, str] = {
     "cifar10": "gcn-zca",
     "cifar100": "gcn-zca",

@@ -35,7 +35,7 @@ POOLINGS: dict[str, str] = {
     "none": "no pooling",
 }
 
-# How each stage downsamples when it has no pooling or in addition to it (DESIGN.md).
+# How each stage downsamples when it has no pooling or in addition to it (docs/models.md).
 STRIDED_CONVS: dict[str, str] = {
     "none": "no strided convolution",
     "fold": "the stage's last conv gets stride 2 (Strided-CNN)",
@@ -46,7 +46,7 @@ NORMS: dict[str, str] = {"none": "no normalisation", "batch": "batch norm after 
 
 # (input dropout, dropout after each downsampling point). `downsample` drops the paper's input
 # dropout only: on one-channel images the first conv sees 9 pixels, and dropping a fifth of
-# them shifts its ReLU outputs between training and evaluation (README, "Recipe").
+# them shifts its ReLU outputs between training and evaluation (docs/recipe.md).
 DROPOUTS: dict[str, tuple[float, float]] = {
     "paper": (0.2, 0.5),
     "downsample": (0.0, 0.5),

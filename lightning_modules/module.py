@@ -43,7 +43,7 @@ class AllConvModule(L.LightningModule):
         self.val_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
         self.test_acc = MulticlassAccuracy(n, average="micro", validate_args=False)
         # the same test images with dropout left on (one stochastic pass): a network whose
-        # eval-mode error is above this one has a dropout train/eval gap (README, "Recipe")
+        # eval-mode error is above this one has a dropout train/eval gap (docs/recipe.md)
         self.test_acc_dropout = MulticlassAccuracy(n, average="micro", validate_args=False)
         self.diverged: str | None = None
 

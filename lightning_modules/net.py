@@ -156,7 +156,7 @@ def init_weights(model: nn.Module) -> None:
 
     Measured on Fashion-MNIST (Model C, width 0.25, 10000 images, 2 epochs, lr 0.01): test
     error 78% with plain He init and epoch milestones, 40.6% with these corrections and the
-    step milestones of module.milestones (README, "The model family").
+    step milestones of module.milestones (docs/models.md).
     """
     dropped = 0.0  # the dropout rate applied since the last weight layer
     last = None

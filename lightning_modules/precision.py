@@ -14,7 +14,7 @@ PRECISIONS: dict[str, str | None] = {
 }
 
 # CPU flags of native bf16 arithmetic; without them PyTorch emulates bf16, many times
-# slower than 32-bit (README, "Recipe")
+# slower than 32-bit (docs/recipe.md)
 NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")
 
 
@@ -38,7 +38,7 @@ def resolve_precision(setting: str, device: str) -> str:
 
     On such a CPU, paired runs of Model C and All-CNN-C in both precisions (the paper's
     dropout and preprocessing, full Fashion-MNIST, 3 seeds) did not show bf16 costing
-    accuracy, and bf16 ran faster (README, "Recipe": precision; sweeps/recipe_precision.yaml).
+    accuracy, and bf16 ran faster (docs/recipe.md, precision; sweeps/recipe_precision.yaml).
     """
     if setting != "auto":
         return PRECISIONS[setting]

@@ -10,7 +10,7 @@ from ablations import settings as S
 from lightning_modules.module import AllConvModule, milestones
 
 # batch norm: without it the synthetic set puts this net past SGD's stability edge at lr 0.01,
-# and whether it learns depends on the seed and the CPU (README, "Recipe")
+# and whether it learns depends on the seed and the CPU (docs/recipe.md)
 TINY = {
     "data.dataset": "synthetic",
     "model.width": 0.25,
