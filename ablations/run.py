@@ -45,6 +45,7 @@ class EpochRecorder(Callback):
         self.train_images = 0
         self.history: list[dict[str, float]] = []
         self.diverged: str | None = None
+        self.first_step_at: float | None = None  # Unix time of the first training batch
         self._t0: float | None = None
 
     def _sync(self, pl_module: L.LightningModule) -> None:
@@ -54,6 +55,10 @@ class EpochRecorder(Callback):
     def on_train_epoch_start(self, trainer, pl_module) -> None:
         self._sync(pl_module)
         self._t0 = time.perf_counter()
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.first_step_at is None:
+            self.first_step_at = time.time()
 
     def _stop_clock(self, trainer, pl_module) -> None:
         if self._t0 is None:
@@ -86,6 +91,7 @@ class EpochRecorder(Callback):
             "train_images": self.train_images,
             "history": self.history,
             "diverged": self.diverged,
+            "first_step_at": self.first_step_at,
         }
 
     def load(self) -> None:
@@ -94,6 +100,7 @@ class EpochRecorder(Callback):
             saved = json.loads(self.path.read_text())
             self.train_seconds, self.train_images = saved["train_seconds"], saved["train_images"]
             self.history, self.diverged = saved["history"], saved["diverged"]
+            self.first_step_at = saved.get("first_step_at")
 
 
 @functools.cache  # once per process: a worker's trials all run the code it started with
