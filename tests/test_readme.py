@@ -1,6 +1,6 @@
 """README's one-run example, run as written for three seeds: its printed test error must stay
 what README says it is (below 5%) whatever the seed, so the page cannot drift from the code
-and cannot hold by the luck of one seed (README, "Recipe": the smoke example)."""
+and cannot hold by the luck of one seed (docs/recipe.md: the smoke example)."""
 
 import json
 import re
