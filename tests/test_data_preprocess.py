@@ -9,7 +9,7 @@ import torch
 
 from datamodules import AllConvDataModule
 from datamodules import preprocess as P
-from tests.test_data_sources import write_fashion
+from tests.helpers import write_fashion
 
 
 def correlated_images(n=3000, size=6, channels=1, seed=0) -> torch.Tensor:

@@ -10,126 +10,16 @@ import torch
 
 from datamodules import AllConvDataModule, DataError
 from datamodules import sources as src
-
-CIFAR10_NAMES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
-
-
-# --- writers for the official formats (used by the other test_data_* files too) ----------
-
-
-def cifar_rows(x: np.ndarray) -> np.ndarray:
-    """(N, 32, 32, 3) -> the archive's (N, 3072) rows: 1024 red, 1024 green, 1024 blue."""
-    n = len(x)
-    return np.concatenate([x[..., ch].reshape(n, 1024) for ch in range(3)], axis=1)
-
-
-def _dump(path, obj) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)  # the originals are Python 2 cPickle, protocol 2
-
-
-def write_cifar10(root, per_batch=6, n_test=10, seed=0):
-    """The cifar-10-batches-py layout under root; returns the images and labels written."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    out = {}
-    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
-        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        y = np.arange(n) % 10  # every class in every batch, so stratified splits work
-        rng.shuffle(y)
-        _dump(
-            folder / name,
-            {
-                b"batch_label": f"{name} of 5".encode(),
-                b"labels": [int(v) for v in y],  # a list, as in the originals
-                b"data": cifar_rows(x),
-                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-            },
-        )
-        out[name] = (x, y)
-    _dump(
-        folder / "batches.meta",
-        {
-            b"num_cases_per_batch": per_batch,
-            b"label_names": [n.encode() for n in CIFAR10_NAMES],
-            b"num_vis": 3072,
-        },
-    )
-    train = [out[f"data_batch_{i}"] for i in range(1, 6)]
-    return (
-        np.concatenate([x for x, _ in train]),
-        np.concatenate([y for _, y in train]),
-        *out["test_batch"],
-    )
-
-
-def write_cifar100(root, n_train=300, n_test=100, seed=0):
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    out = []
-    for name, n in (("train", n_train), ("test", n_test)):
-        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        y = np.arange(n) % 100
-        rng.shuffle(y)
-        _dump(
-            folder / name,
-            {
-                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-                b"batch_label": name.encode(),
-                b"fine_labels": [int(v) for v in y],
-                b"coarse_labels": [int(v) // 5 for v in y],
-                b"data": cifar_rows(x),
-            },
-        )
-        out += [x, y]
-    fine = [f"fine{i:02d}" for i in range(100)]
-    _dump(
-        folder / "meta",
-        {
-            b"fine_label_names": [n.encode() for n in fine],
-            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
-        },
-    )
-    return (*out, fine)
-
-
-def idx_bytes(a: np.ndarray) -> bytes:
-    """The IDX format: 0, 0, type 0x08 (unsigned byte), ndim, big-endian sizes, the bytes."""
-    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(d.to_bytes(4, "big") for d in a.shape)
-    return header + np.ascontiguousarray(a, dtype=np.uint8).tobytes()
-
-
-def write_idx(path, a: np.ndarray) -> None:
-    data = idx_bytes(a)
-    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-
-
-def write_fashion(folder, n_train=100, n_test=40, size=28, gz=(True, False, True, False), seed=0):
-    """The four Fashion-MNIST IDX files, each gzipped or not as `gz` says."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_x": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
-        "train_y": (np.arange(n_train) % 10).astype(np.uint8),
-        "test_x": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
-        "test_y": (np.arange(n_test) % 10).astype(np.uint8),
-    }
-    for (key, stem), zipped in zip(src.FASHION_FILES.items(), gz):
-        write_idx(folder / (stem + (".gz" if zipped else "")), arrays[key])
-    return arrays
+from tests.helpers import (
+    CIFAR10_NAMES,
+    cifar_rows,
+    dump_pickle,
+    idx_bytes,
+    write_cifar10,
+    write_cifar100,
+    write_fashion,
+    write_idx,
+)
 
 
 @pytest.fixture
@@ -226,7 +116,7 @@ def test_truncated_cifar_batch_names_the_file(tmp_path):
 )
 def test_malformed_cifar_batch_names_the_file_and_the_fault(tmp_path, batch, data, labels, message):
     write_cifar10(tmp_path)
-    _dump(tmp_path / "cifar-10-batches-py" / batch, {b"labels": labels, b"data": data})
+    dump_pickle(tmp_path / "cifar-10-batches-py" / batch, {b"labels": labels, b"data": data})
     with pytest.raises(DataError, match=message):
         src.load_cifar("cifar10", tmp_path, download=False)
 

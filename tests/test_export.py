@@ -10,8 +10,6 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from optuna.distributions import CategoricalDistribution
-from optuna.trial import TrialState, create_trial
 
 from ablations import export as E
 from ablations import settings as S
@@ -19,87 +17,7 @@ from ablations import storage as ST
 from ablations import study as SD
 from ablations import sweep_file as SF
 from ablations.cli import main
-from tests.conftest import tree
-
-VARIANTS = ["base", "all-cnn"]
-LRS = [0.1, 0.01]
-SEEDS = [0, 1, 2]
-
-
-def make_study(
-    root: Path, name: str = "paper", raw: dict | None = None, value=None, broken: dict | None = None
-) -> optuna.Study:
-    """A realistic finished study: by default 2 variants x 2 lrs x 3 seeds with one diverged
-    and one failed trial and known metrics (`value(cell)` gives the validation error)."""
-    raw = raw or {
-        "name": name,
-        "method": "grid",
-        "metric": {"name": "val/error", "goal": "minimize"},
-        "parameters": {
-            "data.dataset": {"value": "cifar10"},
-            "data.preprocess": {"value": "standardize"},  # off the protocol, on purpose
-            "train.epochs": {"value": 350},
-            "model.variant": {"values": VARIANTS},
-            "train.lr": {"values": LRS},
-            "seed": {"values": SEEDS},
-        },
-    }
-    value = value or (
-        lambda c: (
-            10 + 3 * VARIANTS.index(c["model.variant"]) + 100 * c["train.lr"] + c["seed"] * 0.5
-        )
-    )
-    broken = (
-        broken
-        if broken is not None
-        else {
-            (("model.variant", "base"), ("seed", 2), ("train.lr", 0.1)): "diverged",
-            (("model.variant", "all-cnn"), ("seed", 1), ("train.lr", 0.01)): "failed",
-        }
-    )
-    (root / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-    sweep = SF.load(root / f"{name}.yaml")
-    study = SD.open_study(sweep, ST.default_url(name, root / "runs"), name, create=True)
-    cells, _ = sweep.cells()
-    for i, cell in enumerate(reversed(cells)):  # stored out of order on purpose
-        settings = S.resolve({**sweep.base, **cell})
-        flat = S.flat_with_name(settings, S.model_spec(settings))
-        val = value(cell)
-        attrs = {
-            "cell": SF.cell_id(cell),
-            "settings": flat,
-            "params": 954_730,
-            "macs": 1,
-            "val/error": val,
-            "test/error": val - 1,
-            "best_epoch": 300,
-            "epochs_run": 350,
-            "fit_seconds": 100.0 + i,
-            "images_per_second": 500.0,
-            "precision": "32-true",
-            "device": "test",
-            "wandb_run_id": f"w{i}",
-            "git_commit": "abc",
-            "state": "complete",
-        }
-        state, objective = TrialState.COMPLETE, val
-        what = broken.get(tuple(sorted(cell.items())))
-        if what:
-            attrs.update(
-                state=what,
-                error_message="non-finite training loss"
-                if what == "diverged"
-                else "RuntimeError: boom",
-            )
-            attrs.pop("val/error"), attrs.pop("test/error")
-            state, objective = TrialState.FAIL, None
-        dists = {k: CategoricalDistribution(sweep.params[k].values) for k in cell}
-        study.add_trial(
-            create_trial(
-                state=state, value=objective, params=cell, distributions=dists, user_attrs=attrs
-            )
-        )
-    return study
+from tests.helpers import LRS, SEEDS, VARIANTS, make_study, tree
 
 
 @pytest.fixture

@@ -20,8 +20,7 @@ from ablations import storage as ST
 from ablations import study as SD
 from ablations import sweep_file as SF
 from ablations.cli import main
-from tests.conftest import tree
-from tests.test_sweeps import FAST, load, run_worker, sweep_cli, write_sweep
+from tests.helpers import FAST, load, make_study, run_worker, sweep_cli, tree, write_sweep
 
 SLOW_CELLS = {  # a trial trains for several seconds: long enough to be interrupted
     **FAST,
@@ -326,8 +325,6 @@ def test_workers_get_the_storage_url_from_the_environment_not_argv(tmp_path, in_
 
 @pytest.mark.parametrize("damage", ["torn last line", "garbage line", "torn then appended"])
 def test_a_damaged_journal_is_repaired_and_keeps_every_complete_trial(tmp_path, in_tmp, damage):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     journal = in_tmp / "runs/paper/optuna.journal"
     before = {
@@ -382,8 +379,6 @@ def test_sweep_files_that_are_not_sweep_files(tmp_path, in_tmp, capsys, content,
 
 
 def test_export_out_must_be_a_folder(tmp_path, in_tmp, capsys):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     (in_tmp / "afile").write_text("keep me\n")
     before = tree(in_tmp)
@@ -395,8 +390,6 @@ def test_export_out_must_be_a_folder(tmp_path, in_tmp, capsys):
 
 
 def test_an_export_killed_mid_write_leaves_no_staging_folder_behind(tmp_path, in_tmp):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     out = in_tmp / "runs/paper/export"
     (out / ".export-999999999-abc").mkdir(parents=True)  # a dead export's staging folder
@@ -485,8 +478,6 @@ def complete_once(cells: int) -> None:
 
 
 def test_a_read_only_runs_folder_ends_train_sweep_and_export_in_one_line(tmp_path, in_tmp):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     file = write_sweep(tmp_path / "s.yaml")
     before = tree(in_tmp)

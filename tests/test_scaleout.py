@@ -21,7 +21,7 @@ from ablations import storage as ST
 from ablations import study as SD
 from ablations import sweep_file as SF
 from ablations.cli import main
-from tests.test_sweeps import FAST, sweep_cli, write_sweep
+from tests.helpers import FAST, dashboard_detail, run_worker, sweep_cli, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -313,8 +313,6 @@ def test_trials_per_device_starts_that_many_workers_per_gpu(tmp_path, in_tmp):
 
 
 def test_dashboard_on_a_postgresql_study(tmp_path, in_tmp, postgres):
-    from tests.test_wandb_schema import dashboard_detail
-
     url = postgres.create_db("dash")
     file = write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"}})
     run_worker_at(file, url)
@@ -326,8 +324,6 @@ def test_dashboard_on_a_postgresql_study(tmp_path, in_tmp, postgres):
 
 
 def run_worker_at(file, url):
-    from tests.test_sweeps import run_worker
-
     run_worker(file, storage=url)
 
 

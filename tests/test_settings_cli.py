@@ -5,7 +5,7 @@ import pytest
 from ablations import settings as S
 from ablations.cli import main
 from datamodules import AUTO_PREPROCESS, DATASETS
-from tests.conftest import tree
+from tests.helpers import tree
 
 
 def run_cli(capsys, *argv):

@@ -18,70 +18,7 @@ from ablations import sweep_file as SF
 from ablations import worker
 from ablations.cli import main
 from lightning_modules.precision import resolve_precision
-from tests.conftest import tree
-
-FAST = {
-    "data.dataset": {"value": "synthetic"},
-    "data.subset": {"value": 256},
-    "data.val_size": {"value": 64},
-    "data.preprocess": {"value": "standardize"},
-    "model.width": {"value": 0.125},
-    "train.epochs": {"value": 1},
-}
-
-
-def write_sweep(path: Path, **overrides) -> Path:
-    raw = {
-        "name": "t",
-        "method": "grid",
-        "metric": {"name": "val/error", "goal": "minimize"},
-        "parameters": {**FAST, "model.variant": {"values": ["base", "all-cnn"]}},
-    }
-    params = overrides.pop("parameters", {})
-    raw.update(overrides)
-    raw["parameters"] = {**raw["parameters"], **params}
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def sweep_cli(file: Path, workers: int) -> list[str]:
-    """`ablate sweep FILE --workers N --wandb disabled`, as a subprocess argv."""
-    return [
-        sys.executable,
-        "-m",
-        "ablations.cli",
-        "sweep",
-        str(file),
-        "--workers",
-        str(workers),
-        "--wandb",
-        "disabled",
-    ]
-
-
-def run_worker(file: Path, study: str = "t", runs: Path = Path("runs"), **kw) -> None:
-    """One in-process worker, as `ablate sweep` starts them, after creating the study."""
-    sweep = SF.load(file)
-    url = kw.pop("storage", ST.default_url(study, runs))
-    SD.open_study(sweep, url, study, create=True)
-    argv = [
-        str(file),
-        "--study",
-        study,
-        "--storage",
-        url,
-        "--runs-dir",
-        str(runs / study),
-        "--wandb",
-        kw.pop("wandb", "disabled"),
-    ]
-    for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
-    assert worker.main(argv) == 0
-
-
-def load(study="t", runs=Path("runs")):
-    return optuna.load_study(study_name=study, storage=ST.open_storage(ST.default_url(study, runs)))
+from tests.helpers import FAST, load, run_worker, sweep_cli, tree, write_sweep
 
 
 def complete_cells(study):

@@ -10,8 +10,7 @@ import torch
 from ablations import run
 from ablations import settings as S
 from ablations.cli import main
-from tests.conftest import tree
-from tests.test_sweeps import FAST, run_worker, write_sweep
+from tests.helpers import FAST, run_worker, tree, write_sweep
 
 TINY = {
     "data.dataset": "synthetic",

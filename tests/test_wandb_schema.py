@@ -6,11 +6,8 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
@@ -20,7 +17,7 @@ import yaml
 from ablations import sweep_file as SF
 from ablations import wandb_log
 from ablations.cli import main
-from tests.test_sweeps import load, run_worker, write_sweep
+from tests.helpers import dashboard_detail, load, make_study, run_worker, write_sweep
 
 CORPUS = sorted((Path(__file__).parent / "wandb_sweeps").glob("*.yaml"))
 
@@ -181,49 +178,7 @@ def test_studies_name_their_metric_and_trials_report_learning_curves(tmp_path, i
     assert trial.intermediate_values[1] == pytest.approx(trial.user_attrs["val/error"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dashboard_detail(args: list[str], cwd: Path) -> dict:
-    """Start `ablate dashboard ARGS --port P` on a free port; the first study's detail as
-    its HTTP API gives it."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ablations.cli", "dashboard", *args, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/dashboard/studies/" in line, proc.stderr.read()
-        deadline, body = time.time() + 60, None
-        while body is None and time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
-                    body = json.loads(r.read())
-            except OSError:
-                time.sleep(0.5)
-        assert body is not None, "the dashboard never answered"
-        (summary,) = body["study_summaries"]
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10
-        ) as r:
-            return {**json.loads(r.read()), "study_name": summary["study_name"]}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def test_dashboard_serves_the_study_on_localhost(tmp_path, in_tmp):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     detail = dashboard_detail(["paper"], in_tmp)
     assert detail["study_name"] == "paper" and len(detail["trials"]) == 12
