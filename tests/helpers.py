@@ -1,6 +1,6 @@
-"""What more than one test module needs: the files under a folder, sweep files and an
-in-process worker, a finished study, dataset archives in the official formats, and the
-Optuna dashboard's answer. Fixtures live in conftest.py."""
+"""What more than one test module needs: waiting for something, the files under a folder,
+sweep files and an in-process worker, a finished study, dataset archives in the official
+formats, and the Optuna dashboard's answer. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
@@ -13,7 +13,9 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import numpy as np
 import optuna
@@ -26,6 +28,30 @@ from ablations.settings import flat_with_name, model_spec, resolve
 from ablations.storage import default_url, open_storage
 from ablations.study import open_study
 from datamodules import sources
+
+T = TypeVar("T")
+
+
+# --- waiting ---------------------------------------------------------------------------------
+
+
+def wait_until(
+    predicate: Callable[[], T], timeout: float, *, interval: float = 0.1, what: str | None = None
+) -> T:
+    """Call `predicate` every `interval` seconds until it returns something truthy; return
+    that value. After `timeout` seconds: with `what`, raise AssertionError("timed out after
+    TIMEOUT s waiting for WHAT"); without, return the last (falsy) value, for the caller to
+    assert on in its own words."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = predicate()
+        if value or time.monotonic() >= deadline:
+            break
+        time.sleep(interval)
+    if value or what is None:
+        return value
+    raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
 
 # --- files -----------------------------------------------------------------------------------
 
@@ -326,16 +352,18 @@ def dashboard_detail(args: list[str], cwd: Path) -> dict:
         env=env,
         cwd=cwd,
     )
+
+    def studies():
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
+                return json.loads(r.read())
+        except OSError:
+            return None
+
     try:
         line = proc.stdout.readline()
         assert f"http://127.0.0.1:{port}/dashboard/studies/" in line, proc.stderr.read()
-        deadline, body = time.time() + 60, None
-        while body is None and time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
-                    body = json.loads(r.read())
-            except OSError:
-                time.sleep(0.5)
+        body = wait_until(studies, 60, interval=0.5)
         assert body is not None, "the dashboard never answered"
         (summary,) = body["study_summaries"]
         with urllib.request.urlopen(

@@ -20,7 +20,16 @@ from ablations import storage as ST
 from ablations import study as SD
 from ablations import sweep_file as SF
 from ablations.cli import main
-from tests.helpers import FAST, load, make_study, run_worker, sweep_cli, tree, write_sweep
+from tests.helpers import (
+    FAST,
+    load,
+    make_study,
+    run_worker,
+    sweep_cli,
+    tree,
+    wait_until,
+    write_sweep,
+)
 
 SLOW_CELLS = {  # a trial trains for several seconds: long enough to be interrupted
     **FAST,
@@ -33,19 +42,18 @@ FAILING = {**FAST, "data.subset": {"value": 100_000}}
 
 
 def running_trials(timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        time.sleep(0.5)
+    """The running trials a worker has stamped with its pid, once there is one."""
+
+    def stamped():
         if not Path("runs/t/optuna.journal").exists():
-            continue
+            return []
         try:
             running = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
         except KeyError:
-            continue
-        stamped = [t for t in running if "worker.pid" in t.user_attrs]
-        if stamped:
-            return stamped
-    raise AssertionError("no trial started")
+            return []
+        return [t for t in running if "worker.pid" in t.user_attrs]
+
+    return wait_until(stamped, timeout, interval=0.5, what="a trial to start")
 
 
 def as_from_a_terminal() -> None:
@@ -97,9 +105,7 @@ def test_sigkill_of_the_launcher_leaves_no_worker_running_the_sweep(tmp_path, in
     proc.kill()
     proc.wait()
     pid = trial.user_attrs["worker.pid"]
-    deadline = time.time() + 30  # well inside the trial, which trains for 3 epochs
-    while alive(pid) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: not alive(pid), 30, interval=0.2)  # well inside the 3-epoch trial
     assert not alive(pid), "the worker kept running the sweep"
     states = [SD.trial_state(t) for t in load().get_trials()]
     assert states == ["interrupted"]
@@ -124,9 +130,8 @@ def test_a_killed_worker_does_not_hang_the_one_that_lives(tmp_path, in_tmp):
         text=True,
         env=env,
     )
-    deadline = time.time() + 180
-    victim = None
-    while victim is None and time.time() < deadline:
+
+    def second_worker():
         for t in running_trials():
             if t.user_attrs.get("worker.pid") and proc.poll() is None:
                 workers = sorted(
@@ -137,8 +142,10 @@ def test_a_killed_worker_does_not_hang_the_one_that_lives(tmp_path, in_tmp):
                     }
                 )
                 if len(workers) == 2:
-                    victim = workers[1]
-                    break
+                    return workers[1]
+        return None
+
+    victim = wait_until(second_worker, 180, interval=0.5)
     assert victim is not None, "both workers never ran at once"
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
@@ -522,9 +529,8 @@ def test_a_journal_deleted_mid_sweep_is_not_recreated(tmp_path, in_tmp):
     cmd = sweep_cli(file, workers=2)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     running_trials()
-    deadline = time.time() + 120
-    while not list(in_tmp.glob("runs/t/trials/*/settings.yaml")) and time.time() < deadline:
-        time.sleep(0.1)  # a trial is training in its folder
+    # a trial is training in its folder (on a timeout the test goes on regardless, as before)
+    wait_until(lambda: list(in_tmp.glob("runs/t/trials/*/settings.yaml")), 120, interval=0.1)
     journal = in_tmp / "runs/t/optuna.journal"
     journal.unlink()
     _, err = proc.communicate(timeout=300)
@@ -666,9 +672,8 @@ def test_a_signal_after_training_before_the_record_keeps_the_run(tmp_path, in_tm
         sweep_cli(file, workers=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     (trial,) = running_trials()
-    deadline = time.time() + 300
-    while not list(in_tmp.glob("runs/t/trials/*/result.yaml")) and time.time() < deadline:
-        pass  # no sleep: the window between result.yaml and the record is short
+    # polled every millisecond: the window between result.yaml and the record is short
+    wait_until(lambda: list(in_tmp.glob("runs/t/trials/*/result.yaml")), 300, interval=0.001)
     os.kill(trial.user_attrs["worker.pid"], signal.SIGTERM)  # the one worker's pid
     proc.communicate(timeout=120)
     first = load().get_trials()[0]
@@ -695,13 +700,13 @@ def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
     )
     running_trials()
     status = Path("runs/t/workers/worker-0.json")
-    deadline = time.time() + 300
-    while time.time() < deadline:
+
+    def testing():
         with contextlib.suppress(OSError, ValueError):
-            if json.loads(status.read_text()).get("state") == "testing":
-                break
-        time.sleep(0.02)
-    else:
+            return json.loads(status.read_text()).get("state") == "testing"
+        return False
+
+    if not wait_until(testing, 300, interval=0.02):
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("the trial's test pass never started")
     os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its worker, at once
@@ -744,9 +749,7 @@ def test_ctrl_c_while_a_sweep_starts_ends_without_a_traceback(tmp_path, in_tmp, 
         preexec_fn=as_from_a_terminal,
     )
     sign = Path("runs") if moment == "preflight" else Path("runs/t/logs/worker-0.log")
-    deadline = time.time() + 60
-    while not sign.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(sign.exists, 60, interval=0.05)
     assert sign.exists()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

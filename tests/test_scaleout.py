@@ -21,7 +21,7 @@ from ablations import storage as ST
 from ablations import study as SD
 from ablations import sweep_file as SF
 from ablations.cli import main
-from tests.helpers import FAST, dashboard_detail, run_worker, sweep_cli, write_sweep
+from tests.helpers import FAST, dashboard_detail, run_worker, sweep_cli, wait_until, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +41,19 @@ def trials_of(url, name="t"):
 
 
 def wait_for_running(url, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """The first running trial a worker has stamped with its pid, once there is one."""
+
+    def running():
         try:
-            running = [
+            return [
                 t
                 for t in trials_of(url)
                 if t.state == optuna.trial.TrialState.RUNNING and "worker.pid" in t.user_attrs
             ]
         except KeyError:
-            running = []
-        if running:
-            return running[0]
-        time.sleep(0.5)
-    raise AssertionError("no trial started")
+            return []
+
+    return wait_until(running, timeout, interval=0.5, what="a trial to start")[0]
 
 
 def test_unreachable_postgres_names_host_port_database(tmp_path, in_tmp, capsys, postgres):
@@ -167,14 +166,14 @@ def test_database_going_away_mid_sweep_then_coming_back(tmp_path, in_tmp, postgr
     sweep = subprocess.Popen(
         sweep_cmd(file, url), env=env_for("m"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 300
-    done = []
-    while time.time() < deadline and not done:
-        time.sleep(0.5)
+
+    def complete():
         try:
-            done = [t for t in trials_of(url) if SD.trial_state(t) == "complete"]
+            return [t for t in trials_of(url) if SD.trial_state(t) == "complete"]
         except KeyError:  # the study is not created yet
-            continue
+            return []
+
+    done = wait_until(complete, 300, interval=0.5)
     assert done, "no trial finished"
     kept = {t.number: t.user_attrs["test/error"] for t in done}
     postgres.stop()

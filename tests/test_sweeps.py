@@ -18,7 +18,7 @@ from ablations import sweep_file as SF
 from ablations import worker
 from ablations.cli import main
 from lightning_modules.precision import resolve_precision
-from tests.helpers import FAST, load, run_worker, sweep_cli, tree, write_sweep
+from tests.helpers import FAST, load, run_worker, sweep_cli, tree, wait_until, write_sweep
 
 
 def complete_cells(study):
@@ -158,14 +158,15 @@ def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
     file = write_sweep(tmp_path / "s.yaml", parameters=params)
     cmd = sweep_cli(file, workers=1)
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pid = None
-    deadline = time.time() + 120
-    while pid is None and time.time() < deadline:
-        time.sleep(1)
+
+    def worker_pid():
         if Path("runs/t/optuna.journal").exists():
             running = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
             if running and "worker.pid" in running[0].user_attrs:
-                pid = running[0].user_attrs["worker.pid"]
+                return running[0].user_attrs["worker.pid"]
+        return None
+
+    pid = wait_until(worker_pid, 120, interval=1)
     assert pid is not None, "no trial started"
     time.sleep(2)
     os.kill(pid, signal.SIGKILL)
