@@ -8,8 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import AllConvDataModule, DataError
-from datamodules import sources as src
+from datamodules import AllConvDataModule, DataError, sources
 from tests.helpers import (
     CIFAR10_NAMES,
     cifar_rows,
@@ -25,7 +24,7 @@ from tests.helpers import (
 @pytest.fixture
 def no_debian(tmp_path, monkeypatch):
     """Hide the Debian Fashion-MNIST package, as on a machine without it."""
-    monkeypatch.setattr(src, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
 
 
 # --- CIFAR -----------------------------------------------------------------------------------
@@ -33,7 +32,7 @@ def no_debian(tmp_path, monkeypatch):
 
 def test_cifar10_archive_round_trip(tmp_path):
     train_x, train_y, test_x, test_y = write_cifar10(tmp_path)
-    raw = src.load_cifar("cifar10", tmp_path, download=False)
+    raw = sources.load_cifar("cifar10", tmp_path, download=False)
     assert raw.train_x.dtype == np.uint8 and raw.train_x.shape == (30, 32, 32, 3)
     np.testing.assert_array_equal(raw.train_x, train_x)
     np.testing.assert_array_equal(raw.train_y, train_y)
@@ -58,7 +57,7 @@ def test_cifar_row_layout_is_planes_of_rows():
 
 def test_cifar100_fine_labels_and_names(tmp_path):
     train_x, train_y, test_x, test_y, fine = write_cifar100(tmp_path)
-    raw = src.load_cifar("cifar100", tmp_path, download=False)
+    raw = sources.load_cifar("cifar100", tmp_path, download=False)
     np.testing.assert_array_equal(raw.train_x, train_x)
     np.testing.assert_array_equal(raw.train_y, train_y)
     np.testing.assert_array_equal(raw.test_x, test_x)
@@ -93,7 +92,7 @@ def test_truncated_cifar_batch_names_the_file(tmp_path):
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:5000])
     with pytest.raises(DataError, match=r"data_batch_3: not a readable CIFAR pickle.*truncated"):
-        src.load_cifar("cifar10", tmp_path, download=False)
+        sources.load_cifar("cifar10", tmp_path, download=False)
 
 
 @pytest.mark.parametrize(
@@ -118,7 +117,7 @@ def test_malformed_cifar_batch_names_the_file_and_the_fault(tmp_path, batch, dat
     write_cifar10(tmp_path)
     dump_pickle(tmp_path / "cifar-10-batches-py" / batch, {b"labels": labels, b"data": data})
     with pytest.raises(DataError, match=message):
-        src.load_cifar("cifar10", tmp_path, download=False)
+        sources.load_cifar("cifar10", tmp_path, download=False)
 
 
 class _Payload:
@@ -137,13 +136,13 @@ def test_a_crafted_cifar_archive_is_refused_and_runs_nothing(tmp_path):
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
     batch.write_bytes(pickle.dumps({b"labels": [0], b"data": _Payload(marker)}, protocol=2))
     with pytest.raises(DataError, match=r"data_batch_1: refused to load posix\.system"):
-        src.load_cifar("cifar10", tmp_path, download=False)
+        sources.load_cifar("cifar10", tmp_path, download=False)
     assert not marker.exists()
 
 
 def test_cifar_absent_says_where_it_looked_and_how_to_get_it(tmp_path):
     with pytest.raises(DataError) as err:
-        src.load_cifar("cifar100", tmp_path / "data", download=True)  # ALLCONV_OFFLINE is set
+        sources.load_cifar("cifar100", tmp_path / "data", download=True)  # ALLCONV_OFFLINE is set
     msg = str(err.value)
     assert str(tmp_path / "data" / "cifar-100-python") in msg
     assert "cifar-100-python.tar.gz" in msg and "unpack it in" in msg
@@ -159,7 +158,7 @@ def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("connection reset")
 
     root = tmp_path / "a" / "b"
-    why = src._download(root, fetch, root / "cifar-10-batches-py")
+    why = sources._download(root, fetch, root / "cifar-10-batches-py")
     assert "connection reset" in why
     assert list(tmp_path.iterdir()) == []
 
@@ -172,7 +171,7 @@ def test_download_moves_the_files_into_place(tmp_path, monkeypatch):
         (tmp / "raw" / "a").write_bytes(b"x")
         return tmp / "raw"
 
-    assert src._download(tmp_path, fetch, tmp_path / "fashion-mnist") is None
+    assert sources._download(tmp_path, fetch, tmp_path / "fashion-mnist") is None
     assert [p.name for p in tmp_path.iterdir()] == ["fashion-mnist"]
     assert (tmp_path / "fashion-mnist" / "a").read_bytes() == b"x"
 
@@ -184,14 +183,14 @@ def test_download_moves_the_files_into_place(tmp_path, monkeypatch):
 def test_idx_round_trip(tmp_path, suffix):
     a = np.random.default_rng(1).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     write_idx(tmp_path / f"x{suffix}", a)
-    got = src.read_idx(tmp_path / f"x{suffix}")
+    got = sources.read_idx(tmp_path / f"x{suffix}")
     np.testing.assert_array_equal(got, a)
     assert got.flags.writeable
 
 
 def test_fashion_mnist_from_data_dir(tmp_path, no_debian):
     arrays = write_fashion(tmp_path / "fashion-mnist")
-    raw = src.load_fashion_mnist(tmp_path, download=False)
+    raw = sources.load_fashion_mnist(tmp_path, download=False)
     np.testing.assert_array_equal(raw.train_x[..., 0], arrays["train_x"])
     np.testing.assert_array_equal(raw.train_y, arrays["train_y"])
     np.testing.assert_array_equal(raw.test_x[..., 0], arrays["test_x"])
@@ -209,15 +208,15 @@ def test_fashion_mnist_from_data_dir(tmp_path, no_debian):
 def test_fashion_mnist_falls_back_to_the_debian_package(tmp_path, monkeypatch):
     debian = tmp_path / "usr-share-datasets"
     write_fashion(debian, gz=(True,) * 4)
-    monkeypatch.setattr(src, "DEBIAN_FASHION_MNIST", debian)
-    raw = src.load_fashion_mnist(tmp_path / "empty", download=False)
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", debian)
+    raw = sources.load_fashion_mnist(tmp_path / "empty", download=False)
     assert all(f.startswith(str(debian)) for f in raw.files)
     assert not (tmp_path / "empty").exists()
 
 
 def test_fashion_mnist_absent(tmp_path, no_debian):
     with pytest.raises(DataError) as err:
-        src.load_fashion_mnist(tmp_path / "data", download=True)
+        sources.load_fashion_mnist(tmp_path / "data", download=True)
     msg = str(err.value)
     assert "fashion-mnist not found" in msg and "apt-get install dataset-fashion-mnist" in msg
     assert str(tmp_path / "data" / "fashion-mnist") in msg
@@ -250,7 +249,7 @@ def test_malformed_idx_names_the_file_and_the_fault(tmp_path, no_debian, stem, h
     write_fashion(tmp_path / "fashion-mnist")
     _corrupt(tmp_path / "fashion-mnist" / stem, how)
     with pytest.raises(DataError, match=stem.replace(".", r"\.") + ": " + message):
-        src.load_fashion_mnist(tmp_path, download=False)
+        sources.load_fashion_mnist(tmp_path, download=False)
 
 
 def test_cut_gzip_and_plain_file_named_gz(tmp_path):
@@ -258,10 +257,10 @@ def test_cut_gzip_and_plain_file_named_gz(tmp_path):
     write_idx(tmp_path / "cut.gz", a)
     (tmp_path / "cut.gz").write_bytes((tmp_path / "cut.gz").read_bytes()[:30])
     with pytest.raises(DataError, match=r"cut\.gz: cannot be read .*truncated"):
-        src.read_idx(tmp_path / "cut.gz")
+        sources.read_idx(tmp_path / "cut.gz")
     (tmp_path / "gzipped").write_bytes(gzip.compress(idx_bytes(a)))
     with pytest.raises(DataError, match=r"gzipped: bad magic number 1f8b.*name it \.gz"):
-        src.read_idx(tmp_path / "gzipped")
+        sources.read_idx(tmp_path / "gzipped")
 
 
 def test_idx_images_and_labels_disagree(tmp_path, no_debian):
@@ -270,4 +269,4 @@ def test_idx_images_and_labels_disagree(tmp_path, no_debian):
     with pytest.raises(
         DataError, match=r"t10k-images-idx3-ubyte\.gz: images of shape \(40, 28, 28\)"
     ):
-        src.load_fashion_mnist(tmp_path, download=False)
+        sources.load_fashion_mnist(tmp_path, download=False)

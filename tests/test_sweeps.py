@@ -12,19 +12,16 @@ import pytest
 import torch
 import yaml
 
-from ablations import storage as ST
-from ablations import study as SD
-from ablations import sweep_file as SF
-from ablations import worker
+from ablations import sweep_file, worker
 from ablations.cli import main
+from ablations.storage import default_url
+from ablations.study import DEFINITION_ATTR, DONE_STATES, open_study, trial_state
 from lightning_modules.precision import resolve_precision
 from tests.helpers import FAST, load, run_worker, sweep_cli, tree, wait_until, write_sweep
 
 
 def complete_cells(study):
-    return sorted(
-        t.user_attrs["cell"] for t in study.get_trials() if SD.trial_state(t) in SD.DONE_STATES
-    )
+    return sorted(t.user_attrs["cell"] for t in study.get_trials() if trial_state(t) in DONE_STATES)
 
 
 # --- the file --------------------------------------------------------------------------------
@@ -82,7 +79,7 @@ def test_invalid_grid_cells_are_listed_and_skipped(tmp_path, in_tmp, capsys):
     raw = yaml.safe_load(file.read_text())
     del raw["parameters"]["model.variant"]
     file.write_text(yaml.safe_dump(raw))
-    sweep = SF.load(file)
+    sweep = sweep_file.load(file)
     valid, invalid = sweep.cells()
     assert len(valid) == 3 and len(invalid) == 1
     assert invalid[0][0] == {"model.pooling": "max", "model.strided_conv": "fold"}
@@ -116,8 +113,8 @@ def test_a_default_written_out_in_the_file_is_the_same_sweep(tmp_path, in_tmp, c
     assert main(["sweep", str(written), "--wandb", "disabled"]) == 0
     assert "nothing left to run" in capsys.readouterr().out
     study = load()
-    assert [SD.trial_state(t) for t in study.get_trials()] == ["complete", "complete"]
-    stored = study.user_attrs[SD.DEFINITION_ATTR]["parameters"]
+    assert [trial_state(t) for t in study.get_trials()] == ["complete", "complete"]
+    stored = study.user_attrs[DEFINITION_ATTR]["parameters"]
     assert stored["train.lr"] == {"value": 0.01}
 
 
@@ -179,7 +176,7 @@ def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
     assert out.returncode == 0, out.stderr
     trials = load().get_trials()
     # a dead worker's trial is interrupted, not a failed attempt of its cell
-    assert [SD.trial_state(t) for t in trials] == ["interrupted", "complete"]
+    assert [trial_state(t) for t in trials] == ["interrupted", "complete"]
     assert "worker died" in trials[0].user_attrs["error_message"]
     assert trials[0].user_attrs["cell"] == trials[1].user_attrs["cell"]
 
@@ -195,7 +192,7 @@ def test_diverged_trial_is_recorded_not_retried_and_the_sweep_goes_on(tmp_path, 
     )
     run_worker(file)
     trials = load().get_trials()
-    states = {t.params["train.lr"]: SD.trial_state(t) for t in trials}
+    states = {t.params["train.lr"]: trial_state(t) for t in trials}
     assert states == {1e12: "diverged", 0.01: "complete"}
     assert (
         "non-finite"
@@ -262,7 +259,7 @@ def test_a_wandb_failure_never_fails_a_trial(tmp_path, in_tmp, monkeypatch):
         write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"}}),
         wandb="offline",
     )
-    assert [SD.trial_state(t) for t in load().get_trials()] == ["complete"]
+    assert [trial_state(t) for t in load().get_trials()] == ["complete"]
 
 
 @pytest.mark.parametrize("method", ["random", "bayes"])
@@ -296,8 +293,8 @@ def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
             "train.lr": {"values": [1e-9]},
         },
     )
-    sweep = SF.load(file)
-    study = SD.open_study(sweep, ST.default_url("t", Path("runs")), "t", create=True)
+    sweep = sweep_file.load(file)
+    study = open_study(sweep, default_url("t", Path("runs")), "t", create=True)
     # good trials already in the study: low validation error at every epoch
     dist = {"train.lr": optuna.distributions.CategoricalDistribution([1e-9])}
     for i in range(30):
@@ -312,7 +309,7 @@ def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
                 user_attrs={"state": "complete"},
             )
         )
-    url = ST.default_url("t", Path("runs"))
+    url = default_url("t", Path("runs"))
     argv = [
         str(file),
         "--study",
@@ -330,8 +327,8 @@ def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
     ours = [t for t in load().get_trials() if "worker.pid" in t.user_attrs]
     # Hyperband's last bracket only judges at max_iter, so not every trial can be pruned;
     # trials at chance level in the other brackets must be, before their last epoch
-    pruned = [t for t in ours if SD.trial_state(t) == "pruned"]
-    assert pruned, [(t.number, SD.trial_state(t), t.intermediate_values) for t in ours]
+    pruned = [t for t in ours if trial_state(t) == "pruned"]
+    assert pruned, [(t.number, trial_state(t), t.intermediate_values) for t in ours]
     assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
 
 
@@ -401,7 +398,7 @@ def test_a_final_sweep_without_validation_images_completes_and_exports(tmp_path,
     "path", sorted(Path(__file__).resolve().parents[1].glob("sweeps/*.yaml")), ids=lambda p: p.name
 )
 def test_every_shipped_sweep_file_is_valid(path):
-    sweep = SF.load(path)
+    sweep = sweep_file.load(path)
     assert sweep.name == path.stem
     if sweep.method == "grid":
         cells, _ = sweep.cells()
