@@ -7,6 +7,11 @@ os.environ.setdefault("ALLCONV_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# tests/helpers.py asserts too: pytest rewrites its asserts as it does the test modules'
+pytest.register_assert_rewrite("tests.helpers")
+
+from tests.helpers import free_port  # noqa: E402
+
 
 @pytest.fixture
 def in_tmp(tmp_path, monkeypatch):
@@ -15,17 +20,11 @@ def in_tmp(tmp_path, monkeypatch):
     return tmp_path
 
 
-def tree(path):
-    """Every file under path, relative; for 'nothing was written' checks."""
-    return sorted(str(p.relative_to(path)) for p in path.rglob("*") if p.is_file())
-
-
 # --- a throwaway PostgreSQL server ---------------------------------------------------------
 
 import glob  # noqa: E402
 import pwd  # noqa: E402
 import shutil  # noqa: E402
-import socket  # noqa: E402
 import subprocess  # noqa: E402
 import tempfile  # noqa: E402
 
@@ -33,12 +32,6 @@ import tempfile  # noqa: E402
 def _pg_bin(name):
     found = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}")) or [shutil.which(name)]
     return found[-1] if found and found[-1] else None
-
-
-def _free_port():
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class PostgresServer:
@@ -52,7 +45,7 @@ class PostgresServer:
         self.initdb, self.pg_ctl = _pg_bin("initdb"), _pg_bin("pg_ctl")
         self.dir = tempfile.mkdtemp(prefix="allconv-pg-")
         self.data = os.path.join(self.dir, "data")
-        self.port = _free_port()
+        self.port = free_port()
         self.as_user = []
         if os.geteuid() == 0:
             user = pwd.getpwnam("postgres")

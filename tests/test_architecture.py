@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_export import make_study
+from tests.helpers import make_study
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("ablations", "datamodules", "lightning_modules")

@@ -9,8 +9,7 @@ import yaml
 
 from ablations.cli import main
 from datamodules import sources
-from tests.conftest import tree
-from tests.test_data_sources import write_cifar10, write_fashion, write_idx
+from tests.helpers import tree, write_cifar10, write_fashion, write_idx
 
 TINY_RUN = ["model.width=0.25", "train.epochs=1", "train.batch_size=16"]
 

@@ -172,25 +172,25 @@ def test_batches_stay_on_the_gpu():
 def test_a_worker_reads_its_data_set_once_and_runs_cannot_alter_it(tmp_path, monkeypatch):
     """Trials in one process share the raw images (read_raw keeps the last data set);
     each run's splits are its own copies."""
-    from datamodules import datamodule as D
+    from datamodules import datamodule
 
     calls = []
-    real = D.DATASETS["synthetic"]
-    monkeypatch.setitem(D.DATASETS, "synthetic", lambda *a: calls.append(a) or real(*a))
-    D.forget_raw()
+    real = datamodule.DATASETS["synthetic"]
+    monkeypatch.setitem(datamodule.DATASETS, "synthetic", lambda *a: calls.append(a) or real(*a))
+    datamodule.forget_raw()
     data = {"dataset": "synthetic", "dir": str(tmp_path), "preprocess": "standardize"}
     data |= {"augment": "none", "val_size": 64, "subset": 128}
-    first = D.AllConvDataModule(data, seed=0, batch_size=32)
+    first = datamodule.AllConvDataModule(data, seed=0, batch_size=32)
     first.load()
     first.splits["test"][0].add_(100.0)  # a run that writes to its tensors
     first.splits["test"][1].zero_()
-    second = D.AllConvDataModule(data, seed=0, batch_size=32)
+    second = datamodule.AllConvDataModule(data, seed=0, batch_size=32)
     second.load()
     assert len(calls) == 1
-    third = D.AllConvDataModule(data, seed=0, batch_size=32)
-    D.forget_raw()
+    third = datamodule.AllConvDataModule(data, seed=0, batch_size=32)
+    datamodule.forget_raw()
     third.load()
     for split in ("train", "val", "test"):
         assert torch.equal(second.splits[split][0], third.splits[split][0])
         assert torch.equal(second.splits[split][1], third.splits[split][1])
-    D.forget_raw()
+    datamodule.forget_raw()

@@ -7,9 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import AllConvDataModule
-from datamodules import preprocess as P
-from tests.test_data_sources import write_fashion
+from datamodules import AllConvDataModule, preprocess
+from tests.helpers import write_fashion
 
 
 def correlated_images(n=3000, size=6, channels=1, seed=0) -> torch.Tensor:
@@ -31,7 +30,7 @@ def reference_gcn(x: torch.Tensor) -> np.ndarray:
 
 def test_gcn_zca_whitens_the_training_data():
     x = correlated_images()
-    stats = P.fit_gcn_zca(x)
+    stats = preprocess.fit_gcn_zca(x)
     g = reference_gcn(x)
     # pylearn2's ZCA(filter_bias=0.1), in float64, as the reference
     cov = np.cov(g, rowvar=False, bias=True)
@@ -40,7 +39,7 @@ def test_gcn_zca_whitens_the_training_data():
     np.testing.assert_allclose(stats["mean"].numpy(), g.mean(axis=0), atol=1e-4)
     np.testing.assert_allclose(stats["whiten"].numpy(), whiten, atol=1e-4 * np.abs(whiten).max())
 
-    out = P.apply_gcn_zca(x, stats).reshape(len(x), -1).double().numpy()
+    out = preprocess.apply_gcn_zca(x, stats).reshape(len(x), -1).double().numpy()
     assert np.abs(out.mean(axis=0)).max() < 1e-4
     out_cov = np.cov(out, rowvar=False, bias=True)
     # in the eigenbasis of the data the covariance is diag(s / (s + 0.1)): the identity in
@@ -54,18 +53,18 @@ def test_gcn_zca_whitens_the_training_data():
 
 def test_gcn_scales_each_image_to_norm_55():
     x = correlated_images(n=50)
-    g = P.gcn(x.reshape(50, -1).double())
+    g = preprocess.gcn(x.reshape(50, -1).double())
     np.testing.assert_allclose(g.mean(dim=1), 0, atol=1e-9)
     np.testing.assert_allclose(g.norm(dim=1), 55.0, rtol=1e-9)
 
 
 def test_standardize_is_per_channel():
     x = correlated_images(n=500, channels=3)
-    stats = P.fit_standardize(x)
+    stats = preprocess.fit_standardize(x)
     ref = x.reshape(-1, 3).double()
     np.testing.assert_allclose(stats["mean"], ref.mean(0), rtol=1e-6)
     np.testing.assert_allclose(stats["std"], ref.std(0), rtol=1e-5)
-    out = P.apply_standardize(x, stats).reshape(-1, 3)
+    out = preprocess.apply_standardize(x, stats).reshape(-1, 3)
     np.testing.assert_allclose(out.mean(0), 0, atol=1e-4)
     np.testing.assert_allclose(out.std(0), 1, atol=1e-4)
 
@@ -99,16 +98,16 @@ def fashion(tmp_path, monkeypatch):
     return tmp_path
 
 
-@pytest.mark.parametrize("name", list(P.PREPROCESSING))
+@pytest.mark.parametrize("name", list(preprocess.PREPROCESSING))
 def test_fit_sees_only_the_training_split(fashion, monkeypatch, name):
     seen = []
-    prep = P.PREPROCESSING[name]
+    prep = preprocess.PREPROCESSING[name]
 
     def spy(x):
         seen.append(x.clone())
         return prep.fit(x)
 
-    monkeypatch.setitem(P.PREPROCESSING, name, prep._replace(fit=spy))
+    monkeypatch.setitem(preprocess.PREPROCESSING, name, prep._replace(fit=spy))
     dm = module(fashion, preprocess=name, subset=300)
     (fit_x,) = seen
     assert len(fit_x) == 300  # not the 30 held out for validation, not the test split

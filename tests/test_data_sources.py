@@ -8,134 +8,23 @@ import numpy as np
 import pytest
 import torch
 
-from datamodules import AllConvDataModule, DataError
-from datamodules import sources as src
-
-CIFAR10_NAMES = [
-    "airplane",
-    "automobile",
-    "bird",
-    "cat",
-    "deer",
-    "dog",
-    "frog",
-    "horse",
-    "ship",
-    "truck",
-]
-
-
-# --- writers for the official formats (used by the other test_data_* files too) ----------
-
-
-def cifar_rows(x: np.ndarray) -> np.ndarray:
-    """(N, 32, 32, 3) -> the archive's (N, 3072) rows: 1024 red, 1024 green, 1024 blue."""
-    n = len(x)
-    return np.concatenate([x[..., ch].reshape(n, 1024) for ch in range(3)], axis=1)
-
-
-def _dump(path, obj) -> None:
-    with open(path, "wb") as f:
-        pickle.dump(obj, f, protocol=2)  # the originals are Python 2 cPickle, protocol 2
-
-
-def write_cifar10(root, per_batch=6, n_test=10, seed=0):
-    """The cifar-10-batches-py layout under root; returns the images and labels written."""
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-10-batches-py"
-    folder.mkdir(parents=True)
-    out = {}
-    for name, n in [*((f"data_batch_{i}", per_batch) for i in range(1, 6)), ("test_batch", n_test)]:
-        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        y = np.arange(n) % 10  # every class in every batch, so stratified splits work
-        rng.shuffle(y)
-        _dump(
-            folder / name,
-            {
-                b"batch_label": f"{name} of 5".encode(),
-                b"labels": [int(v) for v in y],  # a list, as in the originals
-                b"data": cifar_rows(x),
-                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-            },
-        )
-        out[name] = (x, y)
-    _dump(
-        folder / "batches.meta",
-        {
-            b"num_cases_per_batch": per_batch,
-            b"label_names": [n.encode() for n in CIFAR10_NAMES],
-            b"num_vis": 3072,
-        },
-    )
-    train = [out[f"data_batch_{i}"] for i in range(1, 6)]
-    return (
-        np.concatenate([x for x, _ in train]),
-        np.concatenate([y for _, y in train]),
-        *out["test_batch"],
-    )
-
-
-def write_cifar100(root, n_train=300, n_test=100, seed=0):
-    rng = np.random.default_rng(seed)
-    folder = root / "cifar-100-python"
-    folder.mkdir(parents=True)
-    out = []
-    for name, n in (("train", n_train), ("test", n_test)):
-        x = rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)
-        y = np.arange(n) % 100
-        rng.shuffle(y)
-        _dump(
-            folder / name,
-            {
-                b"filenames": [f"img_{i}.png".encode() for i in range(n)],
-                b"batch_label": name.encode(),
-                b"fine_labels": [int(v) for v in y],
-                b"coarse_labels": [int(v) // 5 for v in y],
-                b"data": cifar_rows(x),
-            },
-        )
-        out += [x, y]
-    fine = [f"fine{i:02d}" for i in range(100)]
-    _dump(
-        folder / "meta",
-        {
-            b"fine_label_names": [n.encode() for n in fine],
-            b"coarse_label_names": [f"coarse{i}".encode() for i in range(20)],
-        },
-    )
-    return (*out, fine)
-
-
-def idx_bytes(a: np.ndarray) -> bytes:
-    """The IDX format: 0, 0, type 0x08 (unsigned byte), ndim, big-endian sizes, the bytes."""
-    header = bytes([0, 0, 0x08, a.ndim]) + b"".join(d.to_bytes(4, "big") for d in a.shape)
-    return header + np.ascontiguousarray(a, dtype=np.uint8).tobytes()
-
-
-def write_idx(path, a: np.ndarray) -> None:
-    data = idx_bytes(a)
-    path.write_bytes(gzip.compress(data) if path.suffix == ".gz" else data)
-
-
-def write_fashion(folder, n_train=100, n_test=40, size=28, gz=(True, False, True, False), seed=0):
-    """The four Fashion-MNIST IDX files, each gzipped or not as `gz` says."""
-    rng = np.random.default_rng(seed)
-    folder.mkdir(parents=True, exist_ok=True)
-    arrays = {
-        "train_x": rng.integers(0, 256, (n_train, size, size), dtype=np.uint8),
-        "train_y": (np.arange(n_train) % 10).astype(np.uint8),
-        "test_x": rng.integers(0, 256, (n_test, size, size), dtype=np.uint8),
-        "test_y": (np.arange(n_test) % 10).astype(np.uint8),
-    }
-    for (key, stem), zipped in zip(src.FASHION_FILES.items(), gz):
-        write_idx(folder / (stem + (".gz" if zipped else "")), arrays[key])
-    return arrays
+from datamodules import AllConvDataModule, DataError, sources
+from tests.helpers import (
+    CIFAR10_NAMES,
+    cifar_rows,
+    dump_pickle,
+    idx_bytes,
+    write_cifar10,
+    write_cifar100,
+    write_fashion,
+    write_idx,
+)
 
 
 @pytest.fixture
 def no_debian(tmp_path, monkeypatch):
     """Hide the Debian Fashion-MNIST package, as on a machine without it."""
-    monkeypatch.setattr(src, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", tmp_path / "no-debian-package")
 
 
 # --- CIFAR -----------------------------------------------------------------------------------
@@ -143,7 +32,7 @@ def no_debian(tmp_path, monkeypatch):
 
 def test_cifar10_archive_round_trip(tmp_path):
     train_x, train_y, test_x, test_y = write_cifar10(tmp_path)
-    raw = src.load_cifar("cifar10", tmp_path, download=False)
+    raw = sources.load_cifar("cifar10", tmp_path, download=False)
     assert raw.train_x.dtype == np.uint8 and raw.train_x.shape == (30, 32, 32, 3)
     np.testing.assert_array_equal(raw.train_x, train_x)
     np.testing.assert_array_equal(raw.train_y, train_y)
@@ -168,7 +57,7 @@ def test_cifar_row_layout_is_planes_of_rows():
 
 def test_cifar100_fine_labels_and_names(tmp_path):
     train_x, train_y, test_x, test_y, fine = write_cifar100(tmp_path)
-    raw = src.load_cifar("cifar100", tmp_path, download=False)
+    raw = sources.load_cifar("cifar100", tmp_path, download=False)
     np.testing.assert_array_equal(raw.train_x, train_x)
     np.testing.assert_array_equal(raw.train_y, train_y)
     np.testing.assert_array_equal(raw.test_x, test_x)
@@ -203,7 +92,7 @@ def test_truncated_cifar_batch_names_the_file(tmp_path):
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_3"
     batch.write_bytes(batch.read_bytes()[:5000])
     with pytest.raises(DataError, match=r"data_batch_3: not a readable CIFAR pickle.*truncated"):
-        src.load_cifar("cifar10", tmp_path, download=False)
+        sources.load_cifar("cifar10", tmp_path, download=False)
 
 
 @pytest.mark.parametrize(
@@ -226,9 +115,9 @@ def test_truncated_cifar_batch_names_the_file(tmp_path):
 )
 def test_malformed_cifar_batch_names_the_file_and_the_fault(tmp_path, batch, data, labels, message):
     write_cifar10(tmp_path)
-    _dump(tmp_path / "cifar-10-batches-py" / batch, {b"labels": labels, b"data": data})
+    dump_pickle(tmp_path / "cifar-10-batches-py" / batch, {b"labels": labels, b"data": data})
     with pytest.raises(DataError, match=message):
-        src.load_cifar("cifar10", tmp_path, download=False)
+        sources.load_cifar("cifar10", tmp_path, download=False)
 
 
 class _Payload:
@@ -247,13 +136,13 @@ def test_a_crafted_cifar_archive_is_refused_and_runs_nothing(tmp_path):
     batch = tmp_path / "cifar-10-batches-py" / "data_batch_1"
     batch.write_bytes(pickle.dumps({b"labels": [0], b"data": _Payload(marker)}, protocol=2))
     with pytest.raises(DataError, match=r"data_batch_1: refused to load posix\.system"):
-        src.load_cifar("cifar10", tmp_path, download=False)
+        sources.load_cifar("cifar10", tmp_path, download=False)
     assert not marker.exists()
 
 
 def test_cifar_absent_says_where_it_looked_and_how_to_get_it(tmp_path):
     with pytest.raises(DataError) as err:
-        src.load_cifar("cifar100", tmp_path / "data", download=True)  # ALLCONV_OFFLINE is set
+        sources.load_cifar("cifar100", tmp_path / "data", download=True)  # ALLCONV_OFFLINE is set
     msg = str(err.value)
     assert str(tmp_path / "data" / "cifar-100-python") in msg
     assert "cifar-100-python.tar.gz" in msg and "unpack it in" in msg
@@ -269,7 +158,7 @@ def test_failed_download_leaves_nothing(tmp_path, monkeypatch):
         raise OSError("connection reset")
 
     root = tmp_path / "a" / "b"
-    why = src._download(root, fetch, root / "cifar-10-batches-py")
+    why = sources._download(root, fetch, root / "cifar-10-batches-py")
     assert "connection reset" in why
     assert list(tmp_path.iterdir()) == []
 
@@ -282,7 +171,7 @@ def test_download_moves_the_files_into_place(tmp_path, monkeypatch):
         (tmp / "raw" / "a").write_bytes(b"x")
         return tmp / "raw"
 
-    assert src._download(tmp_path, fetch, tmp_path / "fashion-mnist") is None
+    assert sources._download(tmp_path, fetch, tmp_path / "fashion-mnist") is None
     assert [p.name for p in tmp_path.iterdir()] == ["fashion-mnist"]
     assert (tmp_path / "fashion-mnist" / "a").read_bytes() == b"x"
 
@@ -294,14 +183,14 @@ def test_download_moves_the_files_into_place(tmp_path, monkeypatch):
 def test_idx_round_trip(tmp_path, suffix):
     a = np.random.default_rng(1).integers(0, 256, (7, 5, 3), dtype=np.uint8)
     write_idx(tmp_path / f"x{suffix}", a)
-    got = src.read_idx(tmp_path / f"x{suffix}")
+    got = sources.read_idx(tmp_path / f"x{suffix}")
     np.testing.assert_array_equal(got, a)
     assert got.flags.writeable
 
 
 def test_fashion_mnist_from_data_dir(tmp_path, no_debian):
     arrays = write_fashion(tmp_path / "fashion-mnist")
-    raw = src.load_fashion_mnist(tmp_path, download=False)
+    raw = sources.load_fashion_mnist(tmp_path, download=False)
     np.testing.assert_array_equal(raw.train_x[..., 0], arrays["train_x"])
     np.testing.assert_array_equal(raw.train_y, arrays["train_y"])
     np.testing.assert_array_equal(raw.test_x[..., 0], arrays["test_x"])
@@ -319,15 +208,15 @@ def test_fashion_mnist_from_data_dir(tmp_path, no_debian):
 def test_fashion_mnist_falls_back_to_the_debian_package(tmp_path, monkeypatch):
     debian = tmp_path / "usr-share-datasets"
     write_fashion(debian, gz=(True,) * 4)
-    monkeypatch.setattr(src, "DEBIAN_FASHION_MNIST", debian)
-    raw = src.load_fashion_mnist(tmp_path / "empty", download=False)
+    monkeypatch.setattr(sources, "DEBIAN_FASHION_MNIST", debian)
+    raw = sources.load_fashion_mnist(tmp_path / "empty", download=False)
     assert all(f.startswith(str(debian)) for f in raw.files)
     assert not (tmp_path / "empty").exists()
 
 
 def test_fashion_mnist_absent(tmp_path, no_debian):
     with pytest.raises(DataError) as err:
-        src.load_fashion_mnist(tmp_path / "data", download=True)
+        sources.load_fashion_mnist(tmp_path / "data", download=True)
     msg = str(err.value)
     assert "fashion-mnist not found" in msg and "apt-get install dataset-fashion-mnist" in msg
     assert str(tmp_path / "data" / "fashion-mnist") in msg
@@ -360,7 +249,7 @@ def test_malformed_idx_names_the_file_and_the_fault(tmp_path, no_debian, stem, h
     write_fashion(tmp_path / "fashion-mnist")
     _corrupt(tmp_path / "fashion-mnist" / stem, how)
     with pytest.raises(DataError, match=stem.replace(".", r"\.") + ": " + message):
-        src.load_fashion_mnist(tmp_path, download=False)
+        sources.load_fashion_mnist(tmp_path, download=False)
 
 
 def test_cut_gzip_and_plain_file_named_gz(tmp_path):
@@ -368,10 +257,10 @@ def test_cut_gzip_and_plain_file_named_gz(tmp_path):
     write_idx(tmp_path / "cut.gz", a)
     (tmp_path / "cut.gz").write_bytes((tmp_path / "cut.gz").read_bytes()[:30])
     with pytest.raises(DataError, match=r"cut\.gz: cannot be read .*truncated"):
-        src.read_idx(tmp_path / "cut.gz")
+        sources.read_idx(tmp_path / "cut.gz")
     (tmp_path / "gzipped").write_bytes(gzip.compress(idx_bytes(a)))
     with pytest.raises(DataError, match=r"gzipped: bad magic number 1f8b.*name it \.gz"):
-        src.read_idx(tmp_path / "gzipped")
+        sources.read_idx(tmp_path / "gzipped")
 
 
 def test_idx_images_and_labels_disagree(tmp_path, no_debian):
@@ -380,4 +269,4 @@ def test_idx_images_and_labels_disagree(tmp_path, no_debian):
     with pytest.raises(
         DataError, match=r"t10k-images-idx3-ubyte\.gz: images of shape \(40, 28, 28\)"
     ):
-        src.load_fashion_mnist(tmp_path, download=False)
+        sources.load_fashion_mnist(tmp_path, download=False)

@@ -10,96 +10,13 @@ import optuna
 import pandas as pd
 import pytest
 import yaml
-from optuna.distributions import CategoricalDistribution
-from optuna.trial import TrialState, create_trial
 
-from ablations import export as E
-from ablations import settings as S
-from ablations import storage as ST
-from ablations import study as SD
-from ablations import sweep_file as SF
+from ablations import export, sweep_file
 from ablations.cli import main
-from tests.conftest import tree
-
-VARIANTS = ["base", "all-cnn"]
-LRS = [0.1, 0.01]
-SEEDS = [0, 1, 2]
-
-
-def make_study(
-    root: Path, name: str = "paper", raw: dict | None = None, value=None, broken: dict | None = None
-) -> optuna.Study:
-    """A realistic finished study: by default 2 variants x 2 lrs x 3 seeds with one diverged
-    and one failed trial and known metrics (`value(cell)` gives the validation error)."""
-    raw = raw or {
-        "name": name,
-        "method": "grid",
-        "metric": {"name": "val/error", "goal": "minimize"},
-        "parameters": {
-            "data.dataset": {"value": "cifar10"},
-            "data.preprocess": {"value": "standardize"},  # off the protocol, on purpose
-            "train.epochs": {"value": 350},
-            "model.variant": {"values": VARIANTS},
-            "train.lr": {"values": LRS},
-            "seed": {"values": SEEDS},
-        },
-    }
-    value = value or (
-        lambda c: (
-            10 + 3 * VARIANTS.index(c["model.variant"]) + 100 * c["train.lr"] + c["seed"] * 0.5
-        )
-    )
-    broken = (
-        broken
-        if broken is not None
-        else {
-            (("model.variant", "base"), ("seed", 2), ("train.lr", 0.1)): "diverged",
-            (("model.variant", "all-cnn"), ("seed", 1), ("train.lr", 0.01)): "failed",
-        }
-    )
-    (root / f"{name}.yaml").write_text(yaml.safe_dump(raw))
-    sweep = SF.load(root / f"{name}.yaml")
-    study = SD.open_study(sweep, ST.default_url(name, root / "runs"), name, create=True)
-    cells, _ = sweep.cells()
-    for i, cell in enumerate(reversed(cells)):  # stored out of order on purpose
-        settings = S.resolve({**sweep.base, **cell})
-        flat = S.flat_with_name(settings, S.model_spec(settings))
-        val = value(cell)
-        attrs = {
-            "cell": SF.cell_id(cell),
-            "settings": flat,
-            "params": 954_730,
-            "macs": 1,
-            "val/error": val,
-            "test/error": val - 1,
-            "best_epoch": 300,
-            "epochs_run": 350,
-            "fit_seconds": 100.0 + i,
-            "images_per_second": 500.0,
-            "precision": "32-true",
-            "device": "test",
-            "wandb_run_id": f"w{i}",
-            "git_commit": "abc",
-            "state": "complete",
-        }
-        state, objective = TrialState.COMPLETE, val
-        what = broken.get(tuple(sorted(cell.items())))
-        if what:
-            attrs.update(
-                state=what,
-                error_message="non-finite training loss"
-                if what == "diverged"
-                else "RuntimeError: boom",
-            )
-            attrs.pop("val/error"), attrs.pop("test/error")
-            state, objective = TrialState.FAIL, None
-        dists = {k: CategoricalDistribution(sweep.params[k].values) for k in cell}
-        study.add_trial(
-            create_trial(
-                state=state, value=objective, params=cell, distributions=dists, user_attrs=attrs
-            )
-        )
-    return study
+from ablations.settings import SCHEMA
+from ablations.storage import default_url
+from ablations.study import open_study, stored_sweep
+from tests.helpers import LRS, SEEDS, VARIANTS, make_study, tree
 
 
 @pytest.fixture
@@ -109,7 +26,7 @@ def study(tmp_path, monkeypatch):
 
 
 def test_trials_frame_matches_the_study_column_by_column(study):
-    df = E.trials_frame(study)
+    df = export.trials_frame(study)
     trials = {t.number: t for t in study.get_trials()}
     assert len(df) == len(trials) == 12
     for _, row in df.iterrows():
@@ -117,11 +34,11 @@ def test_trials_frame_matches_the_study_column_by_column(study):
         s = t.user_attrs["settings"]
         assert row["study"] == "paper"
         assert row["state"] == t.user_attrs["state"]
-        for key in S.SCHEMA:
+        for key in SCHEMA:
             want = s[key]
             assert (pd.isna(row[key]) and want is None) or row[key] == want, key
         assert row["model.name"] == s["model.name"]
-        for key in E.RESULT_COLUMNS:
+        for key in export.RESULT_COLUMNS:
             want = t.user_attrs.get(key)
             assert (pd.isna(row[key]) and want is None) or row[key] == want, key
         assert row["error_message"] == t.user_attrs.get("error_message") or (
@@ -142,7 +59,7 @@ def test_trials_frame_matches_the_study_column_by_column(study):
 
 
 def test_summary_means_and_stds(study):
-    summary = E.build(study).summary
+    summary = export.build(study).summary
     assert len(summary) == 4  # variant x lr
     for _, row in summary.iterrows():
         v, lr = row["model.variant"], row["train.lr"]
@@ -159,10 +76,10 @@ def test_summary_means_and_stds(study):
 def test_seeds_that_ran_at_another_precision_are_not_pooled(study):
     """`train.precision=auto` resolves per machine: a cell whose seeds ran in 32-bit on one and
     bf16 on another is two rows, each its own mean, named by the precision that ran."""
-    trials = E.trials_frame(study)
+    trials = export.trials_frame(study)
     one = (trials["model.variant"] == "base") & (trials["train.lr"] == 0.01)
     trials.loc[one & (trials["seed"] == 2), "precision"] = "bf16-mixed"
-    summary, _, _ = E.summarize(trials, SD.stored_sweep(study), ["val/error"])
+    summary, _, _ = export.summarize(trials, stored_sweep(study), ["val/error"])
     rows = summary[(summary["model.variant"] == "base") & (summary["train.lr"] == 0.01)]
     assert sorted(zip(rows["precision"], rows["n"])) == [("32-true", 2), ("bf16-mixed", 1)]
     bf16 = rows[rows["precision"] == "bf16-mixed"].iloc[0]
@@ -171,12 +88,12 @@ def test_seeds_that_ran_at_another_precision_are_not_pooled(study):
     # one precision throughout: no precision column, the cells as before
     assert (
         "precision"
-        not in E.summarize(E.trials_frame(study), SD.stored_sweep(study), ["val/error"])[0]
+        not in export.summarize(export.trials_frame(study), stored_sweep(study), ["val/error"])[0]
     )
 
 
 def test_select_by_validation_reports_test_at_the_chosen_lr(study):
-    summary = E.build(study, select_by="val/error", over=["train.lr"]).summary
+    summary = export.build(study, select_by="val/error", over=["train.lr"]).summary
     assert list(summary["model.name"]) == ["Model C", "All-CNN-C"]
     # Model C: 0.01 has the lower val error and all 3 seeds. All-CNN-C: 0.01 would win, but
     # its seed 1 failed, so it is not eligible and 0.1 (all seeds complete) is chosen.
@@ -199,7 +116,7 @@ def test_a_rate_whose_seeds_diverged_cannot_win_on_its_survivor(tmp_path, monkey
     study = make_study(
         tmp_path, value=lambda c: (1 if c["train.lr"] == 0.1 else 20) + c["seed"], broken=broken
     )
-    t = E.build(study, select_by="val/error", over=["train.lr"])
+    t = export.build(study, select_by="val/error", over=["train.lr"])
     assert list(t.summary["train.lr"]) == [0.01, 0.01]
     sel = t.selection.set_index(["model.variant", "train.lr"])
     assert not sel.loc[("base", 0.1), "eligible"]
@@ -217,7 +134,7 @@ def test_select_by_a_test_metric_is_refused(study, tmp_path, capsys):
 def test_no_paper_numbers_off_the_protocol_and_the_export_says_why(study, capsys):
     # the fixture is CIFAR-10 but standardised, with a validation split, no class-score ReLU
     # and two of the paper's four rates
-    t = E.build(study, select_by="val/error", over=["train.lr"])
+    t = export.build(study, select_by="val/error", over=["train.lr"])
     assert "paper test/error" not in t.summary
     assert t.notes == [
         "paper numbers omitted: data.preprocess=standardize, "
@@ -260,7 +177,7 @@ def test_paper_numbers_beside_a_final_run_on_the_protocol(tmp_path, monkeypatch)
     study = make_study(
         tmp_path, "final", raw=PROTOCOL_FINAL, broken={}, value=lambda c: 10 + c["seed"]
     )
-    t = E.build(study)
+    t = export.build(study)
     row = t.summary.set_index("model.name")
     assert row.loc["All-CNN-C", "paper test/error"] == 9.08
     assert row.loc["Model C", "paper test/error"] == 9.74
@@ -273,7 +190,7 @@ def test_paper_numbers_beside_a_final_run_on_the_protocol(tmp_path, monkeypatch)
         "selection": {**PROTOCOL_FINAL["selection"], "over": {"train.lr": [0.05, 0.01]}},
     }
     narrow = make_study(tmp_path, "narrow", raw=raw, broken={}, value=lambda c: 10)
-    assert "paper test/error" not in E.build(narrow).summary
+    assert "paper test/error" not in export.build(narrow).summary
 
 
 def test_final_sweep_file_retrains_the_selected_cells(study, tmp_path, capsys):
@@ -293,7 +210,7 @@ def test_final_sweep_file_retrains_the_selected_cells(study, tmp_path, capsys):
         )
         == 0
     )
-    sweep = SF.load(path)
+    sweep = sweep_file.load(path)
     assert sweep.base["data.val_size"] == 0 and sweep.metric == "train/loss"
     cells, invalid = sweep.cells()
     assert not invalid
@@ -318,7 +235,7 @@ def test_effects_against_a_hand_computation(tmp_path, monkeypatch):
             + 100 * c["train.lr"]
         ),
     )
-    eff = E.build(study).effects.set_index("factor")
+    eff = export.build(study).effects.set_index("factor")
     from scipy import stats
 
     # All-CNN-C minus Model C at the same rate and seed: 2 + noise, twice (two rates)
@@ -367,7 +284,7 @@ def test_effects_with_ten_pairs_use_the_bootstrap(tmp_path, monkeypatch):
             10 + (2 + noise[c["seed"]]) * (c["model.variant"] == "all-cnn") + c["train.lr"]
         ),
     )
-    v = E.build(study).effects.set_index("factor").loc["model.variant"]
+    v = export.build(study).effects.set_index("factor").loc["model.variant"]
     diffs = [2 + n for n in noise] * 2
     assert v["pairs"] == 10 and v["ci_method"] == "bootstrap"
     assert min(diffs) <= v["ci_low"] < v["mean_diff"] < v["ci_high"] <= max(diffs)
@@ -385,7 +302,7 @@ def test_holm_by_hand():
 
 def test_latex_markdown_and_figure(study, tmp_path):
     out = tmp_path / "out"
-    written = E.write(study, out)
+    written = export.write(study, out)
     assert set(written) == {
         "summary.csv",
         "summary.md",
@@ -431,7 +348,7 @@ def test_latex_markdown_and_figure(study, tmp_path):
 def test_latex_compiles_without_an_overfull_box(study, tmp_path, select):
     out = tmp_path / "out"
     kw = {"select_by": "val/error", "over": ["train.lr"]} if select else {}
-    E.write(
+    export.write(
         study, out, formats=["tex"], metrics=["val/error", "test/error", "test/error_dropout"], **kw
     )
     doc = out / "doc.tex"
@@ -455,30 +372,30 @@ def test_latex_compiles_without_an_overfull_box(study, tmp_path, select):
 
 def test_two_exports_are_byte_identical(study, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
-    E.write(study, a, formats=["csv", "md", "tex"])
-    E.write(study, b, formats=["csv", "md", "tex"])
+    export.write(study, a, formats=["csv", "md", "tex"])
+    export.write(study, b, formats=["csv", "md", "tex"])
     for name in ("trials.csv", "summary.csv", "summary.md", "summary.tex"):
         assert (a / name).read_bytes() == (b / name).read_bytes(), name
 
 
 def test_a_crash_mid_export_leaves_the_previous_files(study, tmp_path, monkeypatch):
     out = tmp_path / "out"
-    E.write(study, out, formats=["csv", "md", "tex"])
+    export.write(study, out, formats=["csv", "md", "tex"])
     before = {p.name: p.read_bytes() for p in out.iterdir()}
 
     def crash(*a, **k):
         raise KeyboardInterrupt("power cut")
 
-    monkeypatch.setattr(E, "to_latex", crash)  # after trials.csv and the md are staged
+    monkeypatch.setattr(export, "to_latex", crash)  # after trials.csv and the md are staged
     with pytest.raises(KeyboardInterrupt):
-        E.write(study, out, formats=["csv", "md", "tex"], metrics=["test/error"])
+        export.write(study, out, formats=["csv", "md", "tex"], metrics=["test/error"])
     assert {p.name: p.read_bytes() for p in out.iterdir()} == before
 
 
 def test_export_of_a_running_sweep_marks_rows(study):
     trial = study.ask()
     trial.set_user_attr("cell", "x")
-    df = E.trials_frame(study)
+    df = export.trials_frame(study)
     assert (df["state"] == "running").sum() == 1
 
 
@@ -505,7 +422,7 @@ def test_export_of_a_running_sweep_marks_rows(study):
     ],
 )
 def test_bad_export_input(study, capsys, argv, message, tmp_path):
-    url = ST.default_url("paper", Path("runs"))
+    url = default_url("paper", Path("runs"))
     before = tree(tmp_path)
     assert main([*argv, "--storage", url]) == 2
     err = capsys.readouterr().err
@@ -526,8 +443,8 @@ def test_a_study_with_no_trials(tmp_path, capsys, monkeypatch):
         "parameters": {"model.variant": {"values": VARIANTS}, "seed": {"values": SEEDS}},
     }
     (tmp_path / "empty.yaml").write_text(yaml.safe_dump(raw))
-    sweep = SF.load(tmp_path / "empty.yaml")
-    SD.open_study(sweep, ST.default_url("empty", Path("runs")), "empty", create=True)
+    sweep = sweep_file.load(tmp_path / "empty.yaml")
+    open_study(sweep, default_url("empty", Path("runs")), "empty", create=True)
     before = tree(tmp_path)
     assert main(["export", "empty"]) == 2
     assert "study empty has no trials yet" in capsys.readouterr().err
@@ -555,11 +472,12 @@ def test_the_ablation_table_run_keeps_tables_and_figures_apart(study, tmp_path):
     process of its own, as the launcher makes it: W&B keeps per-process state that a later
     in-process run of another test would inherit."""
     code = (
-        "import optuna; from pathlib import Path; from ablations import export as E, "
-        "storage as ST, study as SD; "
-        "s = optuna.load_study(study_name='paper', storage=ST.open_storage("
-        "ST.default_url('paper', Path('runs')))); "
-        "E.log_to_wandb(s, SD.stored_sweep(s), 'offline', Path('runs/paper'))"
+        "import optuna; from pathlib import Path; from ablations.export import log_to_wandb; "
+        "from ablations.storage import default_url, open_storage; "
+        "from ablations.study import stored_sweep; "
+        "s = optuna.load_study(study_name='paper', storage=open_storage("
+        "default_url('paper', Path('runs')))); "
+        "log_to_wandb(s, stored_sweep(s), 'offline', Path('runs/paper'))"
     )
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": "offline"}

@@ -6,11 +6,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from lightning_modules import family as F
-from lightning_modules import net as N
+from lightning_modules import family
+from lightning_modules.net import build, count_macs, count_params
 
 SHAPES = [(3, 32, 10), (1, 28, 10), (3, 32, 100)]
-COMBOS = list(product(F.BASES, F.POOLINGS, F.STRIDED_CONVS, F.HEADS))
+COMBOS = list(product(family.BASES, family.POOLINGS, family.STRIDED_CONVS, family.HEADS))
 
 
 def is_valid(pooling, strided):
@@ -26,7 +26,7 @@ TABLE3 = Path(__file__).resolve().parents[1] / "ablations" / "data" / "table3.cs
 def test_every_combination_builds_runs_and_gets_gradients(
     base, pooling, strided, head, channels, size, classes
 ):
-    spec = F.ModelSpec(
+    spec = family.ModelSpec(
         base,
         pooling,
         strided,
@@ -36,7 +36,7 @@ def test_every_combination_builds_runs_and_gets_gradients(
         in_size=size,
         num_classes=classes,
     )
-    net = N.build(spec)
+    net = build(spec)
     out = net(torch.randn(2, channels, size, size))
     assert out.shape == (2, classes)
     out.square().sum().backward()
@@ -45,18 +45,18 @@ def test_every_combination_builds_runs_and_gets_gradients(
 
 
 def test_hundred_classes():
-    spec = F.ModelSpec(pooling="none", strided_conv="extra", width=0.125, num_classes=100)
-    assert N.build(spec)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
+    spec = family.ModelSpec(pooling="none", strided_conv="extra", width=0.125, num_classes=100)
+    assert build(spec)(torch.randn(1, 3, 32, 32)).shape == (1, 100)
 
 
-@pytest.mark.parametrize("pooling", [p for p in F.POOLINGS if p != "none"])
+@pytest.mark.parametrize("pooling", [p for p in family.POOLINGS if p != "none"])
 def test_fold_with_pooling_is_rejected(pooling):
-    with pytest.raises(F.SpecError, match="halve the resolution twice per stage"):
-        F.ModelSpec(pooling=pooling, strided_conv="fold")
+    with pytest.raises(family.SpecError, match="halve the resolution twice per stage"):
+        family.ModelSpec(pooling=pooling, strided_conv="fold")
 
 
 def test_all_specs_lists_exactly_the_invalid_combinations():
-    valid, invalid = F.all_specs()
+    valid, invalid = family.all_specs()
     assert len(valid) + len(invalid) == len(COMBOS)
     assert sorted(
         (c["base"], c["pooling"], c["strided_conv"], c["head"]) for c, _ in invalid
@@ -66,25 +66,25 @@ def test_all_specs_lists_exactly_the_invalid_combinations():
 @pytest.mark.parametrize(
     "table,key",
     [
-        (F.BASES, "base"),
-        (F.POOLINGS, "pooling"),
-        (F.STRIDED_CONVS, "strided_conv"),
-        (F.HEADS, "head"),
-        (F.NORMS, "norm"),
-        (F.DROPOUTS, "dropout"),
+        (family.BASES, "base"),
+        (family.POOLINGS, "pooling"),
+        (family.STRIDED_CONVS, "strided_conv"),
+        (family.HEADS, "head"),
+        (family.NORMS, "norm"),
+        (family.DROPOUTS, "dropout"),
     ],
 )
 def test_unknown_slot_value_lists_valid_ones(table, key):
-    with pytest.raises(F.SpecError) as err:
-        F.ModelSpec(**{key: "nope"})
+    with pytest.raises(family.SpecError) as err:
+        family.ModelSpec(**{key: "nope"})
     for name in table:
         assert name in str(err.value)
     assert f"model.{key}" in str(err.value)
 
 
 def test_paper_parameter_counts():
-    presets = F.paper_presets()
-    count = {name: N.count_params(N.build(spec)) for name, spec in presets.items()}
+    presets = family.paper_presets()
+    count = {name: count_params(build(spec)) for name, spec in presets.items()}
     assert count["Model C"] == 954_730
     assert count["All-CNN-C"] == 1_369_738
     assert count["ConvPool-CNN-C"] == count["All-CNN-C"]
@@ -94,7 +94,7 @@ def test_paper_parameter_counts():
 def test_presets_carry_table3_names():
     with open(TABLE3) as f:
         rows = list(csv.DictReader(f))
-    presets = F.paper_presets()
+    presets = family.paper_presets()
     assert sorted(presets) == sorted(r["name"] for r in rows)
     for r in rows:
         spec = presets[r["name"]]
@@ -102,40 +102,40 @@ def test_presets_carry_table3_names():
 
 
 def test_descriptive_name_for_non_paper_combination():
-    assert F.ModelSpec(pooling="avg", strided_conv="extra", head="fc").name == "C/avg/extra/fc"
+    assert family.ModelSpec(pooling="avg", strided_conv="extra", head="fc").name == "C/avg/extra/fc"
 
 
 def test_variant_shorthand_and_clash():
-    spec = F.spec_from_settings({"model.variant": "all-cnn"})
+    spec = family.spec_from_settings({"model.variant": "all-cnn"})
     assert (spec.pooling, spec.strided_conv, spec.name) == ("none", "extra", "All-CNN-C")
-    with pytest.raises(F.SpecError, match="do not also set model.pooling"):
-        F.spec_from_settings({"model.variant": "all-cnn", "model.pooling": "max"})
+    with pytest.raises(family.SpecError, match="do not also set model.pooling"):
+        family.spec_from_settings({"model.variant": "all-cnn", "model.pooling": "max"})
 
 
 def test_input_too_small_gives_the_sizes():
-    with pytest.raises(F.SpecError, match=r"8x8 is too small: feature maps go 8 -> 4 -> 2"):
-        F.ModelSpec(in_size=8)
+    with pytest.raises(family.SpecError, match=r"8x8 is too small: feature maps go 8 -> 4 -> 2"):
+        family.ModelSpec(in_size=8)
 
 
 def test_feature_sizes_and_macs():
-    spec = F.ModelSpec(in_channels=1, in_size=28)
+    spec = family.ModelSpec(in_channels=1, in_size=28)
     assert spec.feature_sizes() == [28, 14, 7, 5]
     # Model C's first conv alone: 32*32 positions x 96 filters x 27 weights
-    assert N.count_macs(N.build(F.ModelSpec())) > 32 * 32 * 96 * 27
+    assert count_macs(build(family.ModelSpec())) > 32 * 32 * 96 * 27
 
 
 def test_batch_norm_and_width():
-    spec = F.ModelSpec(norm="batch", width=0.5)
-    net = N.build(spec)
+    spec = family.ModelSpec(norm="batch", width=0.5)
+    net = build(spec)
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in net.modules())
     assert spec.channels() == (48, 96, 96)
 
 
-@pytest.mark.parametrize("name", list(F.paper_presets()))
+@pytest.mark.parametrize("name", list(family.paper_presets()))
 def test_he_init_keeps_activations_near_unit_scale(name):
     # the property that lets the paper models train without normalisation layers, with the
     # paper's dropout on (training) and off (evaluation)
-    net = N.build(F.paper_presets()[name])
+    net = build(family.paper_presets()[name])
     x = torch.randn(8, 3, 32, 32)
     for training in (True, False):
         net.train(training)
@@ -156,7 +156,7 @@ def test_init_corrects_for_dropout_and_the_class_score_layer():
     """He fan-in std sqrt(2 / fan_in), times sqrt(1 - p) right after a dropout of rate p, and
     gain 1 (std sqrt(1 / fan_in)) for the class-score layer, which no ReLU follows."""
     torch.manual_seed(0)
-    net = N.build(F.ModelSpec(base="C", dropout="paper"))
+    net = build(family.ModelSpec(base="C", dropout="paper"))
     weights = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
     first, after_stage1, last = weights[0], weights[2], weights[-1]
 
@@ -171,7 +171,7 @@ def test_init_corrects_for_dropout_and_the_class_score_layer():
     assert last.weight.std().item() == pytest.approx(expected(last, math.sqrt(0.5)), rel=0.1)
     plain = [
         m
-        for m in N.build(F.ModelSpec(base="C", dropout="none")).modules()
+        for m in build(family.ModelSpec(base="C", dropout="none")).modules()
         if isinstance(m, torch.nn.Conv2d)
     ]
     assert plain[2].weight.std().item() == pytest.approx(expected(plain[2], 1), rel=0.05)

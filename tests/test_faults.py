@@ -15,13 +15,27 @@ from pathlib import Path
 import optuna
 import pytest
 
-from ablations import launcher
-from ablations import storage as ST
-from ablations import study as SD
-from ablations import sweep_file as SF
+from ablations import launcher, sweep_file
 from ablations.cli import main
-from tests.conftest import tree
-from tests.test_sweeps import FAST, load, run_worker, sweep_cli, write_sweep
+from ablations.storage import (
+    STORAGE_ENV,
+    _start_time,
+    default_url,
+    describe_url,
+    open_storage,
+    owner_stamp,
+)
+from ablations.study import find, open_study, trial_state
+from tests.helpers import (
+    FAST,
+    load,
+    make_study,
+    run_worker,
+    sweep_cli,
+    tree,
+    wait_until,
+    write_sweep,
+)
 
 SLOW_CELLS = {  # a trial trains for several seconds: long enough to be interrupted
     **FAST,
@@ -34,19 +48,18 @@ FAILING = {**FAST, "data.subset": {"value": 100_000}}
 
 
 def running_trials(timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        time.sleep(0.5)
+    """The running trials a worker has stamped with its pid, once there is one."""
+
+    def stamped():
         if not Path("runs/t/optuna.journal").exists():
-            continue
+            return []
         try:
             running = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
         except KeyError:
-            continue
-        stamped = [t for t in running if "worker.pid" in t.user_attrs]
-        if stamped:
-            return stamped
-    raise AssertionError("no trial started")
+            return []
+        return [t for t in running if "worker.pid" in t.user_attrs]
+
+    return wait_until(stamped, timeout, interval=0.5, what="a trial to start")
 
 
 def as_from_a_terminal() -> None:
@@ -58,7 +71,7 @@ def as_from_a_terminal() -> None:
 
 
 def alive(pid: int) -> bool:
-    return ST._start_time(pid) is not None
+    return _start_time(pid) is not None
 
 
 def test_sigterm_stops_the_workers_and_their_trials_are_interrupted_not_failed(tmp_path, in_tmp):
@@ -77,12 +90,12 @@ def test_sigterm_stops_the_workers_and_their_trials_are_interrupted_not_failed(t
         assert "interrupted: run the same command again to continue" in err
         assert "Traceback" not in err
         assert not any(alive(pid) for pid in pids)
-    states = [SD.trial_state(t) for t in load().get_trials()]
+    states = [trial_state(t) for t in load().get_trials()]
     assert "failed" not in states and states.count("interrupted") >= 2
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
     trials = load().get_trials()
-    done = [t.user_attrs["cell"] for t in trials if SD.trial_state(t) == "complete"]
+    done = [t.user_attrs["cell"] for t in trials if trial_state(t) == "complete"]
     assert sorted(done) == sorted(set(done)) and len(done) == 2
     assert "0 given up" in out.stdout
 
@@ -98,11 +111,9 @@ def test_sigkill_of_the_launcher_leaves_no_worker_running_the_sweep(tmp_path, in
     proc.kill()
     proc.wait()
     pid = trial.user_attrs["worker.pid"]
-    deadline = time.time() + 30  # well inside the trial, which trains for 3 epochs
-    while alive(pid) and time.time() < deadline:
-        time.sleep(0.2)
+    wait_until(lambda: not alive(pid), 30, interval=0.2)  # well inside the 3-epoch trial
     assert not alive(pid), "the worker kept running the sweep"
-    states = [SD.trial_state(t) for t in load().get_trials()]
+    states = [trial_state(t) for t in load().get_trials()]
     assert states == ["interrupted"]
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr
@@ -125,9 +136,8 @@ def test_a_killed_worker_does_not_hang_the_one_that_lives(tmp_path, in_tmp):
         text=True,
         env=env,
     )
-    deadline = time.time() + 180
-    victim = None
-    while victim is None and time.time() < deadline:
+
+    def second_worker():
         for t in running_trials():
             if t.user_attrs.get("worker.pid") and proc.poll() is None:
                 workers = sorted(
@@ -138,17 +148,19 @@ def test_a_killed_worker_does_not_hang_the_one_that_lives(tmp_path, in_tmp):
                     }
                 )
                 if len(workers) == 2:
-                    victim = workers[1]
-                    break
+                    return workers[1]
+        return None
+
+    victim = wait_until(second_worker, 180, interval=0.5)
     assert victim is not None, "both workers never ran at once"
     os.kill(victim, signal.SIGKILL)
     out, err = proc.communicate(timeout=600)
     assert proc.returncode == 1, err  # a worker died: said, not hidden
     assert "worker exit codes" in err
     trials = load().get_trials()
-    done = {t.user_attrs["cell"] for t in trials if SD.trial_state(t) == "complete"}
+    done = {t.user_attrs["cell"] for t in trials if trial_state(t) == "complete"}
     assert len(done) == 4
-    killed = [t for t in trials if SD.trial_state(t) == "interrupted"]
+    killed = [t for t in trials if trial_state(t) == "interrupted"]
     assert killed and all("worker died" in t.user_attrs["error_message"] for t in killed)
 
 
@@ -204,7 +216,7 @@ def test_a_grid_whose_trials_all_fail_exits_1_with_the_reason_and_can_be_retried
     with monkeypatch.context() as m:
         _failing_trials(m)
         run_worker(file)
-    assert [SD.trial_state(t) for t in load().get_trials()] == ["failed"] * 4
+    assert [trial_state(t) for t in load().get_trials()] == ["failed"] * 4
     assert main(["sweep", str(file), "--wandb", "disabled"]) == 1
     out, err = capsys.readouterr()
     assert "nothing left to run (0/2 done, 4 failed trials, 2 given up)" in out
@@ -242,13 +254,13 @@ def test_a_random_sweep_whose_trials_all_fail_stops(tmp_path, in_tmp, monkeypatc
 def test_status_names_a_dead_workers_trial(tmp_path, in_tmp, capsys):
     file = write_sweep(tmp_path / "s.yaml")
     assert main(["sweep", str(file), "--dry-run"]) == 0
-    sweep = launcher.SF.load(file)
-    study = SD.open_study(sweep, ST.default_url("t"), "t", create=True)
+    sweep = sweep_file.load(file)
+    study = open_study(sweep, default_url("t"), "t", create=True)
     trial = study.ask()
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    trial.set_user_attr("cell", launcher.SF.cell_id(sweep.cells()[0][0]))
-    for key, value in {**ST.owner_stamp(), "worker.pid": dead.pid}.items():
+    trial.set_user_attr("cell", sweep_file.cell_id(sweep.cells()[0][0]))
+    for key, value in {**owner_stamp(), "worker.pid": dead.pid}.items():
         trial.set_user_attr(key, value)
     capsys.readouterr()
     assert main(["status", "t"]) == 0
@@ -293,8 +305,8 @@ def test_storage_that_is_not_a_journal_is_left_alone(tmp_path, in_tmp, capsys):
 
 
 def test_passwords_are_masked_in_messages():
-    assert ST.describe_url("postgresql://u:SECRET@h:5432/db") == "postgresql://u:***@h:5432/db"
-    masked = ST.describe_url("postgresql://h/db?user=u&password=SECRET&sslmode=require")
+    assert describe_url("postgresql://u:SECRET@h:5432/db") == "postgresql://u:***@h:5432/db"
+    masked = describe_url("postgresql://h/db?user=u&password=SECRET&sslmode=require")
     assert "SECRET" not in masked and masked.endswith("password=***&sslmode=require")
 
 
@@ -321,18 +333,15 @@ def test_workers_get_the_storage_url_from_the_environment_not_argv(tmp_path, in_
     assert len(seen) == 2
     for cmd, env in seen:
         assert url not in " ".join(cmd)
-        assert env[ST.STORAGE_ENV] == url
+        assert env[STORAGE_ENV] == url
 
 
 @pytest.mark.parametrize("damage", ["torn last line", "garbage line", "torn then appended"])
 def test_a_damaged_journal_is_repaired_and_keeps_every_complete_trial(tmp_path, in_tmp, damage):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     journal = in_tmp / "runs/paper/optuna.journal"
     before = {
-        t.number: t.user_attrs.get("val/error")
-        for t in SD.find("paper", None, Path("runs"))[0].trials
+        t.number: t.user_attrs.get("val/error") for t in find("paper", None, Path("runs"))[0].trials
     }
     torn = b'{"op_code": 5, "worker_id": "w", "trial_id": 3, "us'
     with open(journal, "ab") as f:
@@ -345,9 +354,9 @@ def test_a_damaged_journal_is_repaired_and_keeps_every_complete_trial(tmp_path, 
             same = next(x for x in lines if b'"sweep.name"' in x)  # replaying it changes nothing
             f.write(torn + same + same)
     assert main(["status", "paper"]) == 0
-    study, _ = SD.find("paper", None, Path("runs"))
+    study, _ = find("paper", None, Path("runs"))
     study.set_user_attr("after", 1)  # a write after the repair
-    again, _ = SD.find("paper", None, Path("runs"))
+    again, _ = find("paper", None, Path("runs"))
     assert {t.number: t.user_attrs.get("val/error") for t in again.trials} == before
     assert again.user_attrs["after"] == 1
     assert (
@@ -382,8 +391,6 @@ def test_sweep_files_that_are_not_sweep_files(tmp_path, in_tmp, capsys, content,
 
 
 def test_export_out_must_be_a_folder(tmp_path, in_tmp, capsys):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     (in_tmp / "afile").write_text("keep me\n")
     before = tree(in_tmp)
@@ -395,8 +402,6 @@ def test_export_out_must_be_a_folder(tmp_path, in_tmp, capsys):
 
 
 def test_an_export_killed_mid_write_leaves_no_staging_folder_behind(tmp_path, in_tmp):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     out = in_tmp / "runs/paper/export"
     (out / ".export-999999999-abc").mkdir(parents=True)  # a dead export's staging folder
@@ -480,13 +485,11 @@ def one_line_no_traceback(text: str) -> None:
 
 def complete_once(cells: int) -> None:
     trials = load().get_trials()
-    done = [t.user_attrs["cell"] for t in trials if SD.trial_state(t) == "complete"]
+    done = [t.user_attrs["cell"] for t in trials if trial_state(t) == "complete"]
     assert len(done) == len(set(done)) == cells, done
 
 
 def test_a_read_only_runs_folder_ends_train_sweep_and_export_in_one_line(tmp_path, in_tmp):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     file = write_sweep(tmp_path / "s.yaml")
     before = tree(in_tmp)
@@ -531,9 +534,8 @@ def test_a_journal_deleted_mid_sweep_is_not_recreated(tmp_path, in_tmp):
     cmd = sweep_cli(file, workers=2)
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     running_trials()
-    deadline = time.time() + 120
-    while not list(in_tmp.glob("runs/t/trials/*/settings.yaml")) and time.time() < deadline:
-        time.sleep(0.1)  # a trial is training in its folder
+    # a trial is training in its folder (on a timeout the test goes on regardless, as before)
+    wait_until(lambda: list(in_tmp.glob("runs/t/trials/*/settings.yaml")), 120, interval=0.1)
     journal = in_tmp / "runs/t/optuna.journal"
     journal.unlink()
     _, err = proc.communicate(timeout=300)
@@ -572,7 +574,7 @@ def test_a_full_disk_loses_no_finished_trial_and_the_rerun_finishes(tmp_path, in
             [sys.executable, "-m", "ablations.cli", "status", "t"], capture_output=True, text=True
         )
         assert status.returncode == 0, status.stderr
-        assert [SD.trial_state(t) for t in load().get_trials()][0] == "complete"
+        assert [trial_state(t) for t in load().get_trials()][0] == "complete"
         again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         assert again.returncode == 0, again.stderr
         complete_once(4)
@@ -582,7 +584,7 @@ def test_a_failed_append_is_cut_back_and_a_torn_tail_set_aside(tmp_path, monkeyp
     """Below the sweep: a write that fails half-way leaves the journal as it was, and a torn
     tail left by a killed writer is moved to <journal>.torn before the next record."""
     path = tmp_path / "j.journal"
-    storage = ST.open_storage(str(path), create=True)
+    storage = open_storage(str(path), create=True)
     optuna.create_study(study_name="a", storage=storage)
     size = path.stat().st_size
 
@@ -604,7 +606,11 @@ def test_a_failed_append_is_cut_back_and_a_torn_tail_set_aside(tmp_path, monkeyp
         def __exit__(self, *exc):
             self.f.close()
 
-    monkeypatch.setattr(ST, "open", lambda p, mode="r": DiskFull(open(p, mode)), raising=False)  # noqa: SIM115
+    monkeypatch.setattr(
+        "ablations.storage.open",
+        lambda p, mode="r": DiskFull(open(p, mode)),  # noqa: SIM115
+        raising=False,
+    )
     with pytest.raises(OSError, match="No space"):
         optuna.load_study(study_name="a", storage=storage).set_user_attr("lost", 1)
     monkeypatch.undo()
@@ -612,7 +618,7 @@ def test_a_failed_append_is_cut_back_and_a_torn_tail_set_aside(tmp_path, monkeyp
     with open(path, "ab") as f:
         f.write(b'{"op_code":5,"worker_id":"w","tri')  # a writer killed mid-record
     optuna.load_study(study_name="a", storage=storage).set_user_attr("after", 1)
-    again = optuna.load_study(study_name="a", storage=ST.open_storage(str(path)))
+    again = optuna.load_study(study_name="a", storage=open_storage(str(path)))
     assert again.user_attrs == {"after": 1}
     assert path.with_name("j.journal.torn").read_bytes() == b'{"op_code":5,"worker_id":"w","tri\n'
 
@@ -662,7 +668,7 @@ def test_ctrl_c_twice_or_sighup_stops_the_sweep_without_a_traceback(tmp_path, in
     assert "interrupted: run the same command again to continue" in err
     one_line_no_traceback(err)
     assert not any(alive(pid) for pid in pids)
-    states = [SD.trial_state(t) for t in load().get_trials()]
+    states = [trial_state(t) for t in load().get_trials()]
     assert states and "failed" not in states
 
 
@@ -675,13 +681,12 @@ def test_a_signal_after_training_before_the_record_keeps_the_run(tmp_path, in_tm
         sweep_cli(file, workers=1), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     (trial,) = running_trials()
-    deadline = time.time() + 300
-    while not list(in_tmp.glob("runs/t/trials/*/result.yaml")) and time.time() < deadline:
-        pass  # no sleep: the window between result.yaml and the record is short
+    # polled every millisecond: the window between result.yaml and the record is short
+    wait_until(lambda: list(in_tmp.glob("runs/t/trials/*/result.yaml")), 300, interval=0.001)
     os.kill(trial.user_attrs["worker.pid"], signal.SIGTERM)  # the one worker's pid
     proc.communicate(timeout=120)
     first = load().get_trials()[0]
-    assert SD.trial_state(first) == "complete", first.user_attrs.get("error_message")
+    assert trial_state(first) == "complete", first.user_attrs.get("error_message")
 
 
 def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
@@ -704,13 +709,13 @@ def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
     )
     running_trials()
     status = Path("runs/t/workers/worker-0.json")
-    deadline = time.time() + 300
-    while time.time() < deadline:
+
+    def testing():
         with contextlib.suppress(OSError, ValueError):
-            if json.loads(status.read_text()).get("state") == "testing":
-                break
-        time.sleep(0.02)
-    else:
+            return json.loads(status.read_text()).get("state") == "testing"
+        return False
+
+    if not wait_until(testing, 300, interval=0.02):
         os.killpg(proc.pid, signal.SIGKILL)
         raise AssertionError("the trial's test pass never started")
     os.killpg(proc.pid, signal.SIGTERM)  # the launcher and its worker, at once
@@ -718,16 +723,16 @@ def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
     assert proc.returncode == 130, err
     one_line_no_traceback(err)
     trials = load().get_trials()
-    assert SD.trial_state(trials[0]) == "complete", trials[0].user_attrs.get("error_message")
+    assert trial_state(trials[0]) == "complete", trials[0].user_attrs.get("error_message")
     assert 0 <= trials[0].user_attrs["test/error"] <= 100
     assert len(trials) == 1  # the worker stopped after recording it: the other cell is left
 
 
 def test_export_and_status_of_a_study_with_no_trials_or_not_ours(tmp_path, in_tmp, capsys):
     file = write_sweep(tmp_path / "s.yaml")
-    SD.open_study(SF.load(file), ST.default_url("t"), "t", create=True)  # made, nothing run
+    open_study(sweep_file.load(file), default_url("t"), "t", create=True)  # made, nothing run
     optuna.create_study(
-        study_name="foreign", storage=ST.open_storage(ST.default_url("foreign"), create=True)
+        study_name="foreign", storage=open_storage(default_url("foreign"), create=True)
     )
     before = tree(in_tmp)
     assert main(["status", "t"]) == 0
@@ -753,9 +758,7 @@ def test_ctrl_c_while_a_sweep_starts_ends_without_a_traceback(tmp_path, in_tmp, 
         preexec_fn=as_from_a_terminal,
     )
     sign = Path("runs") if moment == "preflight" else Path("runs/t/logs/worker-0.log")
-    deadline = time.time() + 60
-    while not sign.exists() and time.time() < deadline:
-        time.sleep(0.05)
+    wait_until(sign.exists, 60, interval=0.05)
     assert sign.exists()
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)

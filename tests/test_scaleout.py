@@ -16,12 +16,12 @@ import optuna
 import pytest
 from lightning.pytorch.callbacks import Callback
 
-from ablations import settings as S
-from ablations import storage as ST
-from ablations import study as SD
-from ablations import sweep_file as SF
+from ablations import sweep_file
 from ablations.cli import main
-from tests.test_sweeps import FAST, sweep_cli, write_sweep
+from ablations.settings import resolve
+from ablations.storage import STORAGE_ENV, default_url, open_storage
+from ablations.study import open_study, trial_state
+from tests.helpers import FAST, dashboard_detail, run_worker, sweep_cli, wait_until, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -41,20 +41,19 @@ def trials_of(url, name="t"):
 
 
 def wait_for_running(url, timeout=120):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
+    """The first running trial a worker has stamped with its pid, once there is one."""
+
+    def running():
         try:
-            running = [
+            return [
                 t
                 for t in trials_of(url)
                 if t.state == optuna.trial.TrialState.RUNNING and "worker.pid" in t.user_attrs
             ]
         except KeyError:
-            running = []
-        if running:
-            return running[0]
-        time.sleep(0.5)
-    raise AssertionError("no trial started")
+            return []
+
+    return wait_until(running, timeout, interval=0.5, what="a trial to start")[0]
 
 
 def test_unreachable_postgres_names_host_port_database(tmp_path, in_tmp, capsys, postgres):
@@ -109,7 +108,7 @@ def test_three_machines_race_on_one_grid(tmp_path, in_tmp, postgres):
     for p in procs:
         assert p.wait(timeout=600) == 0, p.stderr.read()
     trials = trials_of(url)
-    cells = [t.user_attrs["cell"] for t in trials if SD.trial_state(t) == "complete"]
+    cells = [t.user_attrs["cell"] for t in trials if trial_state(t) == "complete"]
     assert len(cells) == 6 and len(set(cells)) == 6
     assert len(trials) == 6
     assert len({t.user_attrs["worker.host"] for t in trials}) >= 2
@@ -143,7 +142,7 @@ def test_sigkilled_machine_is_noticed_by_heartbeat_and_its_cell_rerun(tmp_path, 
     trials = trials_of(url)
     by_state = {}
     for t in trials:
-        by_state.setdefault(SD.trial_state(t), []).append(t)
+        by_state.setdefault(trial_state(t), []).append(t)
     assert len(by_state["complete"]) == 2
     assert len({t.user_attrs["cell"] for t in by_state["complete"]}) == 2
     dead = by_state["interrupted"]  # not a failed attempt of its cell
@@ -167,14 +166,14 @@ def test_database_going_away_mid_sweep_then_coming_back(tmp_path, in_tmp, postgr
     sweep = subprocess.Popen(
         sweep_cmd(file, url), env=env_for("m"), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
     )
-    deadline = time.time() + 300
-    done = []
-    while time.time() < deadline and not done:
-        time.sleep(0.5)
+
+    def complete():
         try:
-            done = [t for t in trials_of(url) if SD.trial_state(t) == "complete"]
+            return [t for t in trials_of(url) if trial_state(t) == "complete"]
         except KeyError:  # the study is not created yet
-            continue
+            return []
+
+    done = wait_until(complete, 300, interval=0.5)
     assert done, "no trial finished"
     kept = {t.number: t.user_attrs["test/error"] for t in done}
     postgres.stop()
@@ -189,7 +188,7 @@ def test_database_going_away_mid_sweep_then_coming_back(tmp_path, in_tmp, postgr
     )
     assert out.returncode == 0, out.stderr
     trials = trials_of(url)
-    complete = [t for t in trials if SD.trial_state(t) == "complete"]
+    complete = [t for t in trials if trial_state(t) == "complete"]
     assert len({t.user_attrs["cell"] for t in complete}) == 4 and len(complete) == 4
     for number, err in kept.items():
         assert trials[number].user_attrs["test/error"] == err
@@ -217,7 +216,7 @@ class RankReport(Callback):
 def test_ddp_trial_on_two_cpu_ranks(tmp_path, in_tmp):
     from ablations import run
 
-    settings = S.resolve(
+    settings = resolve(
         {k: v["value"] for k, v in FAST.items()} | {"model.variant": "all-cnn", "train.epochs": 1}
     )
     result = run.train(
@@ -254,11 +253,11 @@ def test_ddp_sweep_trial_logs_one_wandb_run_and_one_result(tmp_path, in_tmp):
         timeout=600,
     )
     assert out.returncode == 0, out.stderr
-    trials = trials_of(ST.open_storage(ST.default_url("t", Path("runs"))))
+    trials = trials_of(open_storage(default_url("t", Path("runs"))))
     # one attempt: a rank that died at its exit (SIGABRT from gloo, before run.SpawnedDDP)
     # failed the trial and the worker tried the cell again
     [done] = trials
-    assert SD.trial_state(done) == "complete", done.user_attrs.get("error_message")
+    assert trial_state(done) == "complete", done.user_attrs.get("error_message")
     assert done.user_attrs["wandb_run_id"]
     assert len(list(Path(done.user_attrs["run_dir"]).glob("wandb/offline-run-*"))) == 1
     assert [p.name for p in Path("runs/t/trials").iterdir()] == [
@@ -307,14 +306,12 @@ def test_trials_per_device_starts_that_many_workers_per_gpu(tmp_path, in_tmp):
     assert [w["devices"] for w in lines] == ["0", "0"]
     cpus = len(os.sched_getaffinity(0))
     assert {w["threads"] for w in lines} == {max(1, cpus // 2)}
-    study = optuna.load_study(study_name="t", storage=ST.open_storage(ST.default_url("t")))
+    study = optuna.load_study(study_name="t", storage=open_storage(default_url("t")))
     done = [t.user_attrs["cell"] for t in study.get_trials() if t.state.name == "COMPLETE"]
     assert len(done) == 2 and len(set(done)) == 2
 
 
 def test_dashboard_on_a_postgresql_study(tmp_path, in_tmp, postgres):
-    from tests.test_wandb_schema import dashboard_detail
-
     url = postgres.create_db("dash")
     file = write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"}})
     run_worker_at(file, url)
@@ -326,8 +323,6 @@ def test_dashboard_on_a_postgresql_study(tmp_path, in_tmp, postgres):
 
 
 def run_worker_at(file, url):
-    from tests.test_sweeps import run_worker
-
     run_worker(file, storage=url)
 
 
@@ -375,14 +370,14 @@ def test_the_storage_url_can_come_from_the_environment(tmp_path, in_tmp, postgre
     postgres.create_db("pwenv")
     url = f"postgresql://postgres:{secret}@127.0.0.1:{postgres.port}/pwenv"
     file = write_sweep(tmp_path / "s.yaml")
-    os.environ[ST.STORAGE_ENV] = url
+    os.environ[STORAGE_ENV] = url
     try:
         assert main(["sweep", str(file), "--dry-run", "--wandb", "disabled"]) == 0
         assert optuna.get_all_study_names(url) == []  # a dry run writes nothing
-        SD.open_study(SF.load(file), url, "t", create=True)
+        open_study(sweep_file.load(file), url, "t", create=True)
         assert main(["status", "t"]) == 0  # found on that server, named by the environment
     finally:
-        del os.environ[ST.STORAGE_ENV]
+        del os.environ[STORAGE_ENV]
     out = capsys.readouterr()
     assert "postgres:***@127.0.0.1" in out.out and secret not in out.out + out.err
     assert not Path("runs").exists()

@@ -2,10 +2,18 @@ import json
 
 import pytest
 
-from ablations import settings as S
 from ablations.cli import main
+from ablations.settings import (
+    SCHEMA,
+    SettingsError,
+    coerce,
+    defaults,
+    model_spec,
+    parse_assignments,
+    resolve,
+)
 from datamodules import AUTO_PREPROCESS, DATASETS
-from tests.conftest import tree
+from tests.helpers import tree
 
 
 def run_cli(capsys, *argv):
@@ -65,7 +73,7 @@ def test_variant_with_a_slot_it_sets(capsys, in_tmp):
 
 
 def test_parse_types():
-    got = S.parse_assignments(
+    got = parse_assignments(
         [
             "train.lr=0.1",
             "train.epochs=3",
@@ -111,7 +119,7 @@ def test_train_help_shows_every_setting_with_type_default_choices_and_help(capsy
         main(["train", "--help"])
     assert exit_.value.code == 0
     out = capsys.readouterr().out
-    for key, setting in S.SCHEMA.items():
+    for key, setting in SCHEMA.items():
         assert f"    {key} (" in out, key
         assert f"default {setting.default}" in out, key
         assert setting.help in out, key
@@ -125,24 +133,24 @@ def test_train_help_shows_every_setting_with_type_default_choices_and_help(capsy
     [("1e-3", 0.001), ("1E-3", 0.001), (".5", 0.5), ("5e-1", 0.5), ("0.01", 0.01), ("2", 2.0)],
 )
 def test_every_spelling_of_a_number(raw, want):
-    assert S.coerce("train.lr", raw) == want
+    assert coerce("train.lr", raw) == want
 
 
 def test_a_sweep_file_with_yaml_exponents_loads(tmp_path):
-    from ablations import sweep_file as SF
+    from ablations import sweep_file
 
     path = tmp_path / "s.yaml"
     path.write_text(
         "name: s\nmethod: grid\nparameters:\n  train.lr: {values: [1e-5, 1e-4]}\n"
         "  data.dataset: {value: synthetic}\n"
     )
-    assert SF.load(path).params["train.lr"].values == (1e-5, 1e-4)
+    assert sweep_file.load(path).params["train.lr"].values == (1e-5, 1e-4)
 
 
 @pytest.mark.parametrize("raw", [".nan", ".inf", "-.inf", "nan", "inf"])
 def test_non_finite_numbers_are_refused(raw):
-    with pytest.raises(S.SettingsError, match="must be a finite number"):
-        S.coerce("train.lr", raw)
+    with pytest.raises(SettingsError, match="must be a finite number"):
+        coerce("train.lr", raw)
 
 
 def test_settings_after_a_flag_are_settings(capsys, in_tmp):
@@ -158,17 +166,17 @@ def test_model_defaults_are_the_specs():
 
     spec = {f.name: f.default for f in fields(ModelSpec)}
     for name in ("base", "head", "width", "norm", "dropout", "score_relu"):
-        assert S.SCHEMA[f"model.{name}"].default == spec[name]
+        assert SCHEMA[f"model.{name}"].default == spec[name]
     # pooling and strided_conv default to None so that model.variant may set them; the
     # spec's defaults apply when neither is given
-    assert S.model_spec(S.resolve({})).pooling == spec["pooling"]
+    assert model_spec(resolve({})).pooling == spec["pooling"]
 
 
 def test_help_lists_type_default_choices_bounds_and_help(capsys):
     with pytest.raises(SystemExit):
         main(["train", "--help"])
     out = capsys.readouterr().out
-    for key, setting in S.SCHEMA.items():
+    for key, setting in SCHEMA.items():
         assert f"    {key} ({setting.kind}, default {setting.default}" in out
         assert setting.help in out
     assert "train.momentum (float, default 0.9; >= 0, <= 1)" in out
@@ -179,12 +187,12 @@ def test_preprocess_auto_resolves_per_data_set_and_is_recorded_as_resolved():
     """The default `data.preprocess=auto` is GCN + ZCA on the paper's data sets (and
     Fashion-MNIST, where it closes the dropout train/eval gap), standardize on synthetic;
     a run records what it used, never "auto"."""
-    assert S.defaults()["data.preprocess"] == "auto"
+    assert defaults()["data.preprocess"] == "auto"
     for dataset, expected in AUTO_PREPROCESS.items():
-        assert S.resolve({"data.dataset": dataset})["data.preprocess"] == expected
+        assert resolve({"data.dataset": dataset})["data.preprocess"] == expected
     assert AUTO_PREPROCESS["fashion-mnist"] == AUTO_PREPROCESS["cifar10"] == "gcn-zca"
     assert (
-        S.resolve({"data.dataset": "cifar10", "data.preprocess": "standardize"})["data.preprocess"]
+        resolve({"data.dataset": "cifar10", "data.preprocess": "standardize"})["data.preprocess"]
         == "standardize"
     )
     assert set(AUTO_PREPROCESS) == set(DATASETS)

@@ -12,82 +12,16 @@ import pytest
 import torch
 import yaml
 
-from ablations import storage as ST
-from ablations import study as SD
-from ablations import sweep_file as SF
-from ablations import worker
+from ablations import sweep_file, worker
 from ablations.cli import main
+from ablations.storage import default_url
+from ablations.study import DEFINITION_ATTR, DONE_STATES, open_study, trial_state
 from lightning_modules.precision import resolve_precision
-from tests.conftest import tree
-
-FAST = {
-    "data.dataset": {"value": "synthetic"},
-    "data.subset": {"value": 256},
-    "data.val_size": {"value": 64},
-    "data.preprocess": {"value": "standardize"},
-    "model.width": {"value": 0.125},
-    "train.epochs": {"value": 1},
-}
-
-
-def write_sweep(path: Path, **overrides) -> Path:
-    raw = {
-        "name": "t",
-        "method": "grid",
-        "metric": {"name": "val/error", "goal": "minimize"},
-        "parameters": {**FAST, "model.variant": {"values": ["base", "all-cnn"]}},
-    }
-    params = overrides.pop("parameters", {})
-    raw.update(overrides)
-    raw["parameters"] = {**raw["parameters"], **params}
-    path.write_text(yaml.safe_dump(raw))
-    return path
-
-
-def sweep_cli(file: Path, workers: int) -> list[str]:
-    """`ablate sweep FILE --workers N --wandb disabled`, as a subprocess argv."""
-    return [
-        sys.executable,
-        "-m",
-        "ablations.cli",
-        "sweep",
-        str(file),
-        "--workers",
-        str(workers),
-        "--wandb",
-        "disabled",
-    ]
-
-
-def run_worker(file: Path, study: str = "t", runs: Path = Path("runs"), **kw) -> None:
-    """One in-process worker, as `ablate sweep` starts them, after creating the study."""
-    sweep = SF.load(file)
-    url = kw.pop("storage", ST.default_url(study, runs))
-    SD.open_study(sweep, url, study, create=True)
-    argv = [
-        str(file),
-        "--study",
-        study,
-        "--storage",
-        url,
-        "--runs-dir",
-        str(runs / study),
-        "--wandb",
-        kw.pop("wandb", "disabled"),
-    ]
-    for k, v in kw.items():
-        argv += [f"--{k.replace('_', '-')}", str(v)]
-    assert worker.main(argv) == 0
-
-
-def load(study="t", runs=Path("runs")):
-    return optuna.load_study(study_name=study, storage=ST.open_storage(ST.default_url(study, runs)))
+from tests.helpers import FAST, load, run_worker, sweep_cli, tree, wait_until, write_sweep
 
 
 def complete_cells(study):
-    return sorted(
-        t.user_attrs["cell"] for t in study.get_trials() if SD.trial_state(t) in SD.DONE_STATES
-    )
+    return sorted(t.user_attrs["cell"] for t in study.get_trials() if trial_state(t) in DONE_STATES)
 
 
 # --- the file --------------------------------------------------------------------------------
@@ -145,7 +79,7 @@ def test_invalid_grid_cells_are_listed_and_skipped(tmp_path, in_tmp, capsys):
     raw = yaml.safe_load(file.read_text())
     del raw["parameters"]["model.variant"]
     file.write_text(yaml.safe_dump(raw))
-    sweep = SF.load(file)
+    sweep = sweep_file.load(file)
     valid, invalid = sweep.cells()
     assert len(valid) == 3 and len(invalid) == 1
     assert invalid[0][0] == {"model.pooling": "max", "model.strided_conv": "fold"}
@@ -179,8 +113,8 @@ def test_a_default_written_out_in_the_file_is_the_same_sweep(tmp_path, in_tmp, c
     assert main(["sweep", str(written), "--wandb", "disabled"]) == 0
     assert "nothing left to run" in capsys.readouterr().out
     study = load()
-    assert [SD.trial_state(t) for t in study.get_trials()] == ["complete", "complete"]
-    stored = study.user_attrs[SD.DEFINITION_ATTR]["parameters"]
+    assert [trial_state(t) for t in study.get_trials()] == ["complete", "complete"]
+    stored = study.user_attrs[DEFINITION_ATTR]["parameters"]
     assert stored["train.lr"] == {"value": 0.01}
 
 
@@ -221,14 +155,15 @@ def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
     file = write_sweep(tmp_path / "s.yaml", parameters=params)
     cmd = sweep_cli(file, workers=1)
     launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    pid = None
-    deadline = time.time() + 120
-    while pid is None and time.time() < deadline:
-        time.sleep(1)
+
+    def worker_pid():
         if Path("runs/t/optuna.journal").exists():
             running = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
             if running and "worker.pid" in running[0].user_attrs:
-                pid = running[0].user_attrs["worker.pid"]
+                return running[0].user_attrs["worker.pid"]
+        return None
+
+    pid = wait_until(worker_pid, 120, interval=1)
     assert pid is not None, "no trial started"
     time.sleep(2)
     os.kill(pid, signal.SIGKILL)
@@ -241,7 +176,7 @@ def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
     assert out.returncode == 0, out.stderr
     trials = load().get_trials()
     # a dead worker's trial is interrupted, not a failed attempt of its cell
-    assert [SD.trial_state(t) for t in trials] == ["interrupted", "complete"]
+    assert [trial_state(t) for t in trials] == ["interrupted", "complete"]
     assert "worker died" in trials[0].user_attrs["error_message"]
     assert trials[0].user_attrs["cell"] == trials[1].user_attrs["cell"]
 
@@ -257,7 +192,7 @@ def test_diverged_trial_is_recorded_not_retried_and_the_sweep_goes_on(tmp_path, 
     )
     run_worker(file)
     trials = load().get_trials()
-    states = {t.params["train.lr"]: SD.trial_state(t) for t in trials}
+    states = {t.params["train.lr"]: trial_state(t) for t in trials}
     assert states == {1e12: "diverged", 0.01: "complete"}
     assert (
         "non-finite"
@@ -324,7 +259,7 @@ def test_a_wandb_failure_never_fails_a_trial(tmp_path, in_tmp, monkeypatch):
         write_sweep(tmp_path / "s.yaml", parameters={"model.variant": {"value": "all-cnn"}}),
         wandb="offline",
     )
-    assert [SD.trial_state(t) for t in load().get_trials()] == ["complete"]
+    assert [trial_state(t) for t in load().get_trials()] == ["complete"]
 
 
 @pytest.mark.parametrize("method", ["random", "bayes"])
@@ -358,8 +293,8 @@ def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
             "train.lr": {"values": [1e-9]},
         },
     )
-    sweep = SF.load(file)
-    study = SD.open_study(sweep, ST.default_url("t", Path("runs")), "t", create=True)
+    sweep = sweep_file.load(file)
+    study = open_study(sweep, default_url("t", Path("runs")), "t", create=True)
     # good trials already in the study: low validation error at every epoch
     dist = {"train.lr": optuna.distributions.CategoricalDistribution([1e-9])}
     for i in range(30):
@@ -374,7 +309,7 @@ def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
                 user_attrs={"state": "complete"},
             )
         )
-    url = ST.default_url("t", Path("runs"))
+    url = default_url("t", Path("runs"))
     argv = [
         str(file),
         "--study",
@@ -392,8 +327,8 @@ def test_hyperband_prunes_a_clearly_worse_curve(tmp_path, in_tmp):
     ours = [t for t in load().get_trials() if "worker.pid" in t.user_attrs]
     # Hyperband's last bracket only judges at max_iter, so not every trial can be pruned;
     # trials at chance level in the other brackets must be, before their last epoch
-    pruned = [t for t in ours if SD.trial_state(t) == "pruned"]
-    assert pruned, [(t.number, SD.trial_state(t), t.intermediate_values) for t in ours]
+    pruned = [t for t in ours if trial_state(t) == "pruned"]
+    assert pruned, [(t.number, trial_state(t), t.intermediate_values) for t in ours]
     assert all(t.user_attrs["epochs_run"] < 4 for t in pruned)
 
 
@@ -463,7 +398,7 @@ def test_a_final_sweep_without_validation_images_completes_and_exports(tmp_path,
     "path", sorted(Path(__file__).resolve().parents[1].glob("sweeps/*.yaml")), ids=lambda p: p.name
 )
 def test_every_shipped_sweep_file_is_valid(path):
-    sweep = SF.load(path)
+    sweep = sweep_file.load(path)
     assert sweep.name == path.stem
     if sweep.method == "grid":
         cells, _ = sweep.cells()

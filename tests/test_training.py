@@ -6,7 +6,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ablations import run
-from ablations import settings as S
+from ablations.settings import resolve
 from lightning_modules.module import AllConvModule, milestones
 
 # batch norm: without it the synthetic set puts this net past SGD's stability edge at lr 0.01,
@@ -23,7 +23,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     path = tmp_path_factory.mktemp("run")
-    settings = S.resolve(TINY)
+    settings = resolve(TINY)
     return run.train(settings, path / "run", progress=False), path / "run"
 
 
@@ -87,7 +87,7 @@ def test_warmup_ramps_then_the_milestones_decay():
 
 
 def test_non_finite_loss_ends_the_run_as_diverged(tmp_path):
-    settings = S.resolve({**TINY, "model.norm": "none", "train.lr": 1e12, "model.dropout": "none"})
+    settings = resolve({**TINY, "model.norm": "none", "train.lr": 1e12, "model.dropout": "none"})
     result = run.train(settings, tmp_path / "run", progress=False)
     assert result["state"] == "diverged"
     assert "non-finite" in result["error_message"]
@@ -130,7 +130,7 @@ def test_the_dropout_on_test_pass_leaves_batch_norm_alone(tmp_path):
     """test/error of a batch-norm run with dropout is its checkpoint's eval-mode error: the
     second, dropout-on pass of each test batch neither normalises with that batch nor moves
     the running statistics the next batch is scored with (ten test batches of 100)."""
-    settings = S.resolve({**TINY, "train.epochs": 1, "train.eval_batch_size": 100})
+    settings = resolve({**TINY, "train.epochs": 1, "train.eval_batch_size": 100})
     buffers = BatchNormBuffers()
     result = run.train(settings, tmp_path / "run", progress=False, callbacks=[buffers])
     assert result["state"] == "complete" and not math.isnan(result["test/error_dropout"])

@@ -8,10 +8,9 @@ import pytest
 import torch
 
 from ablations import run
-from ablations import settings as S
 from ablations.cli import main
-from tests.conftest import tree
-from tests.test_sweeps import FAST, run_worker, write_sweep
+from ablations.settings import resolve
+from tests.helpers import FAST, run_worker, tree, write_sweep
 
 TINY = {
     "data.dataset": "synthetic",
@@ -25,7 +24,7 @@ TINY = {
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> Path:
     folder = tmp_path_factory.mktemp("vis") / "run"
-    settings = S.resolve({**TINY, "data.dir": str(folder.parent / "data")})
+    settings = resolve({**TINY, "data.dir": str(folder.parent / "data")})
     run.train(settings, folder, progress=False)
     return folder
 

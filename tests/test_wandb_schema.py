@@ -6,21 +6,17 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import optuna
 import pytest
 import yaml
 
-from ablations import sweep_file as SF
-from ablations import wandb_log
+from ablations import sweep_file, wandb_log
 from ablations.cli import main
-from tests.test_sweeps import load, run_worker, write_sweep
+from tests.helpers import dashboard_detail, load, make_study, run_worker, write_sweep
 
 CORPUS = sorted((Path(__file__).parent / "wandb_sweeps").glob("*.yaml"))
 
@@ -37,7 +33,7 @@ def test_every_wandb_style_file_passes_dry_run(path, in_tmp, capsys):
     assert not Path("runs").exists()  # a dry run writes nothing
 
 
-def _draws(sweep: SF.Sweep, n: int = 200) -> dict[str, list]:
+def _draws(sweep: sweep_file.Sweep, n: int = 200) -> dict[str, list]:
     from ablations.study import suggest
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
@@ -52,7 +48,7 @@ def _draws(sweep: SF.Sweep, n: int = 200) -> dict[str, list]:
 
 @pytest.mark.parametrize("path", [p for p in CORPUS if "grid" not in p.stem], ids=lambda p: p.stem)
 def test_sampled_values_respect_their_distributions(path):
-    sweep = SF.load(path)
+    sweep = sweep_file.load(path)
     for key, values in _draws(sweep).items():
         p = sweep.params[key]
         if p.values is not None:
@@ -73,15 +69,15 @@ def test_sampled_values_respect_their_distributions(path):
 
 
 def test_exponent_distributions_and_numbers_in_every_spelling():
-    logs = SF.load(Path(__file__).parent / "wandb_sweeps/log_exponents.yaml").params
+    logs = sweep_file.load(Path(__file__).parent / "wandb_sweeps/log_exponents.yaml").params
     assert logs["train.lr"].low == pytest.approx(1e-4, rel=1e-3)
     assert logs["train.lr"].high == pytest.approx(0.1, rel=1e-2)
     assert logs["train.warmup_epochs"].low == pytest.approx(math.exp(-4.6))
     assert logs["train.warmup_epochs"].high == pytest.approx(1.0)
-    grid = SF.load(Path(__file__).parent / "wandb_sweeps/program_grid.yaml")
+    grid = sweep_file.load(Path(__file__).parent / "wandb_sweeps/program_grid.yaml")
     assert grid.params["train.lr"].values == (0.05,)  # written 5E-2
     assert grid.params["train.momentum"].values == (0.9,)  # written .9
-    nested = SF.load(Path(__file__).parent / "wandb_sweeps/nested_hyperband.yaml")
+    nested = sweep_file.load(Path(__file__).parent / "wandb_sweeps/nested_hyperband.yaml")
     assert {"data.dataset", "data.subset", "model.variant", "model.width"} <= set(nested.params)
     assert nested.hyperband == {"min_iter": 1, "eta": 3, "max_iter": None}
 
@@ -118,8 +114,8 @@ def test_distributions_optuna_cannot_run_are_refused_with_the_nearest(tmp_path, 
         "run_cap": 2,
         "parameters": {"data.dataset": {"value": "synthetic"}, "train.lr": spec},
     }
-    with pytest.raises(SF.SweepError) as err:
-        SF.parse(raw)
+    with pytest.raises(sweep_file.SweepError) as err:
+        sweep_file.parse(raw)
     assert message in str(err.value)
 
 
@@ -181,49 +177,7 @@ def test_studies_name_their_metric_and_trials_report_learning_curves(tmp_path, i
     assert trial.intermediate_values[1] == pytest.approx(trial.user_attrs["val/error"])
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def dashboard_detail(args: list[str], cwd: Path) -> dict:
-    """Start `ablate dashboard ARGS --port P` on a free port; the first study's detail as
-    its HTTP API gives it."""
-    port = _free_port()
-    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "ablations.cli", "dashboard", *args, "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env=env,
-        cwd=cwd,
-    )
-    try:
-        line = proc.stdout.readline()
-        assert f"http://127.0.0.1:{port}/dashboard/studies/" in line, proc.stderr.read()
-        deadline, body = time.time() + 60, None
-        while body is None and time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/api/studies", timeout=5) as r:
-                    body = json.loads(r.read())
-            except OSError:
-                time.sleep(0.5)
-        assert body is not None, "the dashboard never answered"
-        (summary,) = body["study_summaries"]
-        with urllib.request.urlopen(
-            f"http://127.0.0.1:{port}/api/studies/{summary['study_id']}", timeout=10
-        ) as r:
-            return {**json.loads(r.read()), "study_name": summary["study_name"]}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-
-
 def test_dashboard_serves_the_study_on_localhost(tmp_path, in_tmp):
-    from tests.test_export import make_study
-
     make_study(in_tmp)
     detail = dashboard_detail(["paper"], in_tmp)
     assert detail["study_name"] == "paper" and len(detail["trials"]) == 12
@@ -238,7 +192,7 @@ def test_dashboard_of_an_unknown_study_exits_2(tmp_path, in_tmp, capsys):
 @pytest.mark.parametrize("name", ["program_grid", "command_random", "constant_and_categorical"])
 def test_three_corpus_files_run_for_real(name, in_tmp):
     path = Path(__file__).parent / "wandb_sweeps" / f"{name}.yaml"
-    sweep = SF.load(path)
+    sweep = sweep_file.load(path)
     run_worker(path, study=sweep.name)
     study = load(sweep.name)
     states = [t.user_attrs.get("state") for t in study.get_trials()]
@@ -287,5 +241,5 @@ def test_metric_target_ends_a_random_sweep_once_reached(tmp_path, in_tmp):
     )
     run_worker(file)
     assert [t.user_attrs["state"] for t in load().get_trials()] == ["complete"]
-    with pytest.raises(SF.SweepError, match="metric.target='low' must be a number"):
-        SF.parse({**yaml.safe_load(file.read_text()), "metric": {"target": "low"}})
+    with pytest.raises(sweep_file.SweepError, match="metric.target='low' must be a number"):
+        sweep_file.parse({**yaml.safe_load(file.read_text()), "metric": {"target": "low"}})
