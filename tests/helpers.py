@@ -24,7 +24,7 @@ from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
 from ablations import sweep_file, worker
-from ablations.settings import flat_with_name, model_spec, resolve
+from ablations.settings import model_spec, recorded, resolve
 from ablations.storage import default_url, open_storage
 from ablations.study import open_study
 from datamodules import sources
@@ -177,7 +177,7 @@ def make_study(
     cells, _ = sweep.cells()
     for i, cell in enumerate(reversed(cells)):  # stored out of order on purpose
         settings = resolve({**sweep.base, **cell})
-        flat = flat_with_name(settings, model_spec(settings))
+        flat = recorded(settings, model_spec(settings))
         val = value(cell)
         attrs = {
             "cell": sweep_file.cell_id(cell),

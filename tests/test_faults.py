@@ -17,14 +17,9 @@ import pytest
 
 from ablations import launcher, sweep_file
 from ablations.cli import main
-from ablations.storage import (
-    STORAGE_ENV,
-    _start_time,
-    default_url,
-    describe_url,
-    open_storage,
-    owner_stamp,
-)
+from ablations.liveness import owner_stamp, process_start
+from ablations.process import STORAGE_ENV
+from ablations.storage import default_url, describe_url, open_storage
 from ablations.study import find, open_study, trial_state
 from tests.helpers import (
     FAST,
@@ -71,7 +66,7 @@ def as_from_a_terminal() -> None:
 
 
 def alive(pid: int) -> bool:
-    return _start_time(pid) is not None
+    return process_start(pid) is not None
 
 
 def test_sigterm_stops_the_workers_and_their_trials_are_interrupted_not_failed(tmp_path, in_tmp):

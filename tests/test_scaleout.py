@@ -18,8 +18,9 @@ from lightning.pytorch.callbacks import Callback
 
 from ablations import sweep_file
 from ablations.cli import main
+from ablations.process import STORAGE_ENV
 from ablations.settings import resolve
-from ablations.storage import STORAGE_ENV, default_url, open_storage
+from ablations.storage import default_url, open_storage
 from ablations.study import open_study, trial_state
 from tests.helpers import FAST, dashboard_detail, run_worker, sweep_cli, wait_until, write_sweep
 

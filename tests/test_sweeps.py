@@ -16,6 +16,7 @@ from ablations import sweep_file, worker
 from ablations.cli import main
 from ablations.storage import default_url
 from ablations.study import DEFINITION_ATTR, DONE_STATES, open_study, trial_state
+from ablations.trial import StatusFile
 from lightning_modules.precision import resolve_precision
 from tests.helpers import FAST, load, run_worker, sweep_cli, tree, wait_until, write_sweep
 
@@ -344,7 +345,7 @@ def test_status_prints_totals_and_cells(tmp_path, in_tmp, capsys):
 def test_worker_status_line_is_written_by_rank_zero_only(tmp_path):
     """Under DDP every rank runs the callbacks: only rank 0 writes the worker's live line."""
     path = tmp_path / "worker-0.json"
-    status = worker.StatusFile(path, worker=0)
+    status = StatusFile(path, worker=0)
     metrics = {"val/error": torch.tensor(12.345)}
     status.on_train_epoch_end(
         SimpleNamespace(is_global_zero=False, current_epoch=0, callback_metrics=metrics), None

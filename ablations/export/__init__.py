@@ -222,6 +222,26 @@ def log_to_wandb(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path) -
         project=sweep.project,
         entity=sweep.entity,
         save_dir=runs_dir,
-        tables={name: csv[name] for name in ("summary", "effects", "trials")},
+        tables={name: _for_wandb(csv[name]) for name in ("summary", "effects", "trials")},
         images=images,
     )
+
+
+def _for_wandb(df: pd.DataFrame) -> pd.DataFrame:
+    """A table as W&B types it, holding what the CSV holds: a column mixing numbers and
+    strings (an effect's levels: `all-cnn`, `0.1`) as strings, nullable floats as floats."""
+    out = df.copy()
+    for col in out.columns:
+        if isinstance(out[col].dtype, pd.Float64Dtype):
+            out[col] = out[col].astype("float64")
+        elif out[col].dtype == object:
+            kinds = {_kind(v) for v in out[col].dropna()}
+            if len(kinds) > 1:
+                out[col] = [None if pd.isna(v) else str(v) for v in out[col]]
+    return out
+
+
+def _kind(v: object) -> str:
+    if isinstance(v, bool):
+        return "bool"
+    return "number" if isinstance(v, int | float) else type(v).__name__
