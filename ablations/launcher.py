@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import os
 import signal
 import subprocess
 import sys
@@ -207,13 +208,27 @@ def _close(
 
 
 def _reason(runs_dir: Path, i: int) -> str:
-    """Why worker i stopped, as its status file says; where to look when it says nothing
-    (killed by a signal, say)."""
+    """Why worker i stopped: the reason it wrote in its status file. On a full disk it may
+    not have been able to write one; it printed the same line last to its log (opened by
+    the launcher, so it exists), which is read then. Killed by a signal, it has neither."""
     status = WorkerStatus.read(runs_dir / "workers" / f"worker-{i}.json", i)
-    reason = status.get("reason")
+    reason = status.get("reason") or _last_log_line(runs_dir / "logs" / f"worker-{i}.log", i)
     if not reason:
         return f"(no reason in its status; its log is {runs_dir / 'logs' / f'worker-{i}.log'})"
     return describe_url(str(reason))
+
+
+def _last_log_line(log: Path, i: int) -> str | None:
+    """The worker's own last line (`worker <i>: ...`), if that is how its log ends."""
+    try:
+        with open(log, "rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            lines = [x.strip() for x in f.read().decode(errors="replace").splitlines()]
+    except OSError:
+        return None
+    last = next((x for x in reversed(lines) if x), "")
+    prefix = f"worker {i}: "
+    return last.removeprefix(prefix) if last.startswith(prefix) else None
 
 
 def _print_errors(study: optuna.Study, sweep: Sweep) -> None:

@@ -180,7 +180,7 @@ def pipeline(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
     result = run.train(settings, run_dir, callbacks=[clock, syncs], progress=True)
     out = {
         **clock.summary(),
-        "fit_seconds": result["fit_seconds"],
+        "fit_seconds": result.timings.fit_seconds,
         "run_seconds": round(time.perf_counter() - t0, 1),
     }
     if syncs.count is not None:

@@ -602,7 +602,7 @@ def test_a_failed_append_is_cut_back_and_a_torn_tail_set_aside(tmp_path, monkeyp
             self.f.close()
 
     monkeypatch.setattr(
-        "ablations.storage.open",
+        "ablations.journal.open",
         lambda p, mode="r": DiskFull(open(p, mode)),  # noqa: SIM115
         raising=False,
     )

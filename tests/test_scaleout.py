@@ -223,13 +223,13 @@ def test_ddp_trial_on_two_cpu_ranks(tmp_path, in_tmp):
     result = run.train(
         settings, tmp_path / "run", devices=2, progress=False, callbacks=[RankReport(tmp_path)]
     )
-    assert result["state"] == "complete" and result["epochs_run"] == 1
+    assert result.outcome == "complete" and result.metrics.epochs_run == 1
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["hparams"] == ranks[1]["hparams"]
     assert ranks[0]["world"] == 2
     a, b = set(ranks[0]["shard"]), set(ranks[1]["shard"])
     assert not a & b and len(a) == len(b) == 256 // 2
-    assert 0 <= result["test/error"] <= 100
+    assert 0 <= result.metrics.test_error <= 100
 
 
 def test_ddp_sweep_trial_logs_one_wandb_run_and_one_result(tmp_path, in_tmp):

@@ -29,10 +29,10 @@ def trained(tmp_path_factory):
 
 def test_short_synthetic_run_learns(trained):
     result, _ = trained
-    assert result["state"] == "complete"
-    assert result["test/error"] < 60, result  # chance is 90%
-    assert result["epochs_run"] == 2 and result["images_per_second"] > 0
-    assert result["params"] > 0 and result["fit_seconds"] > 0
+    assert result.outcome == "complete"
+    assert result.metrics.test_error < 60, result  # chance is 90%
+    assert result.metrics.epochs_run == 2 and result.timings.images_per_second > 0
+    assert result.metrics.params > 0 and result.timings.fit_seconds > 0
 
 
 def test_checkpoint_reloads_alone_with_identical_predictions(trained):
@@ -89,9 +89,9 @@ def test_warmup_ramps_then_the_milestones_decay():
 def test_non_finite_loss_ends_the_run_as_diverged(tmp_path):
     settings = resolve({**TINY, "model.norm": "none", "train.lr": 1e12, "model.dropout": "none"})
     result = run.train(settings, tmp_path / "run", progress=False)
-    assert result["state"] == "diverged"
-    assert "non-finite" in result["error_message"]
-    assert math.isnan(result["test/error"])
+    assert result.outcome == "diverged"
+    assert "non-finite" in result.error_message
+    assert math.isnan(result.metrics.test_error)
 
 
 def test_runs_started_in_the_same_second_get_their_own_folders(tmp_path, monkeypatch):
@@ -133,7 +133,7 @@ def test_the_dropout_on_test_pass_leaves_batch_norm_alone(tmp_path):
     settings = resolve({**TINY, "train.epochs": 1, "train.eval_batch_size": 100})
     buffers = BatchNormBuffers()
     result = run.train(settings, tmp_path / "run", progress=False, callbacks=[buffers])
-    assert result["state"] == "complete" and not math.isnan(result["test/error_dropout"])
+    assert result.outcome == "complete" and not math.isnan(result.metrics.test_error_dropout)
     assert buffers.before and all(
         torch.equal(buffers.before[k], buffers.after[k]) for k in buffers.before
     )
@@ -146,4 +146,4 @@ def test_the_dropout_on_test_pass_leaves_batch_norm_alone(tmp_path):
             int((module(x[i : i + 100]).argmax(1) != y[i : i + 100]).sum())
             for i in range(0, len(y), 100)
         )
-    assert result["test/error"] == pytest.approx(100 * wrong / len(y), abs=1e-3)
+    assert result.metrics.test_error == pytest.approx(100 * wrong / len(y), abs=1e-3)
