@@ -23,7 +23,7 @@ import yaml
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from ablations import sweep_file, worker
+from ablations import sweep_file
 from ablations.settings import model_spec, recorded, resolve
 from ablations.storage import default_url, open_storage
 from ablations.study import open_study
@@ -110,6 +110,8 @@ def sweep_cli(file: Path, workers: int) -> list[str]:
 
 def run_worker(file: Path, study: str = "t", runs: Path = Path("runs"), **kw) -> None:
     """One in-process worker, as `ablate sweep` starts them, after creating the study."""
+    from ablations import worker  # torch and Lightning: not for every test session's start
+
     sweep = sweep_file.load(file)
     url = kw.pop("storage", default_url(study, runs))
     open_study(sweep, url, study, create=True)
