@@ -111,6 +111,7 @@ def launch(args: argparse.Namespace) -> int:
                 argv += ["--worker", str(i), "--threads", str(threads), "--wandb", wandb_mode]
                 argv += ["--status", str(status_dir / f"worker-{i}.json")]
                 argv += ["--devices-per-trial", str(k)]
+                argv += ["--gpus"] if devices is not None else []
                 argv += ["--limit", str(limit)] if limit is not None else []
                 procs.append(_start_worker(argv, url, threads, devices, runs_dir / "logs", i))
         watch(study, sweep, procs, status_dir, t0)

@@ -23,9 +23,15 @@ def usable_cpus() -> int:
 
 
 def gpus_to_use(devices: str) -> list[str]:
-    """GPU indices to pin workers to, listed without initialising CUDA in this process."""
+    """GPU indices to pin workers to, listed without initialising CUDA in this process. No GPU
+    to list is an error, never a quiet fall back to one CPU worker."""
     visible = visible_gpus()
     if devices == "auto":
+        if not visible:
+            raise SweepError(
+                "--devices auto: no GPU is visible (CUDA_VISIBLE_DEVICES is empty or nvidia-smi "
+                "lists none); for CPU workers leave --devices out and give --workers N"
+            )
         return visible
     wanted = [d.strip() for d in devices.split(",") if d.strip()]
     unknown = [d for d in wanted if d not in visible]
@@ -38,19 +44,30 @@ def gpus_to_use(devices: str) -> list[str]:
 
 
 def visible_gpus() -> list[str]:
+    """CUDA_VISIBLE_DEVICES when set (a scheduler's choice), else what nvidia-smi lists; an
+    nvidia-smi that is missing, fails or prints something that is not a GPU index is an
+    error that quotes it (a driver error line is not a GPU)."""
     env = os.environ.get("CUDA_VISIBLE_DEVICES")
     if env is not None:
         return [d.strip() for d in env.split(",") if d.strip() and d.strip() != "-1"]
+    cmd = ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"]
     try:
-        out = subprocess.run(
-            ["nvidia-smi", "--query-gpu=index", "--format=csv,noheader"],
-            capture_output=True,
-            text=True,
-            timeout=20,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return []
-    return [line.strip() for line in out.stdout.splitlines() if line.strip()]
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except FileNotFoundError:
+        raise SweepError(
+            "--devices: nvidia-smi is not on PATH, so no GPU can be listed; set "
+            "CUDA_VISIBLE_DEVICES, or leave --devices out for CPU workers (--workers N)"
+        ) from None
+    except (OSError, subprocess.SubprocessError) as err:
+        raise SweepError(f"--devices: nvidia-smi could not run: {err}") from None
+    lines = [line.strip() for line in out.stdout.splitlines() if line.strip()]
+    if out.returncode != 0:
+        said = (out.stderr.strip() or out.stdout.strip() or "no output").splitlines()[0]
+        raise SweepError(f"--devices: nvidia-smi exited {out.returncode}: {said}")
+    bad = [line for line in lines if not line.isdigit()]
+    if bad:
+        raise SweepError(f"--devices: nvidia-smi listed {bad[0]!r}, which is not a GPU index")
+    return lines
 
 
 def preflight(

@@ -36,17 +36,21 @@ LAUNCHER_PID_ENV = "ALLCONV_LAUNCHER_PID"  # a worker stops when this process is
 HOST_ENV = "ALLCONV_HOST"  # stands in for the hostname (tests, containers sharing one)
 HEARTBEAT_ENV = "ALLCONV_HEARTBEAT_S"  # seconds between a running trial's liveness stamps
 GRACE_ENV = "ALLCONV_GRACE_S"  # a stamp older than this: its worker (on another host) is gone
+# A named, deliberate choice for machines without CUDA (this project's tests): workers the
+# launcher pins to GPUs train on the CPU instead of stopping, and say so.
+CPU_FOR_GPU_ENV = "ALLCONV_CPU_STANDS_IN_FOR_GPU"
 HEARTBEAT_S = float(os.environ.get(HEARTBEAT_ENV, 10))
 GRACE_S = float(os.environ.get(GRACE_ENV, 60))
 
 
 def worker_env(url: str, threads: int, devices: str | None) -> dict[str, str]:
-    """A worker's environment: ours, plus its storage, its launcher, its threads and GPUs."""
+    """A worker's environment: ours, plus its storage, its launcher, its threads and GPUs.
+    A CPU worker sees no GPU (`CUDA_VISIBLE_DEVICES=""`): on a GPU host it would otherwise
+    train on GPU 0, in another precision than the CPU run it stands for."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
     env[STORAGE_ENV] = url
     env[LAUNCHER_PID_ENV] = str(os.getpid())
-    if devices is not None:
-        env["CUDA_VISIBLE_DEVICES"] = devices
+    env["CUDA_VISIBLE_DEVICES"] = "" if devices is None else devices
     return env
 
 
@@ -71,6 +75,7 @@ class Exit(IntEnum):
     PROBLEMS = 1  # the sweep ran, but cells were given up or workers failed
     BAD_INPUT = 2  # the sweep file or a flag is wrong; nothing ran
     STORAGE_LOST = 3  # the study cannot be read or written (or the disk is full)
+    NO_GPU = 4  # given GPUs, CUDA cannot use them here: it does not train on the CPU instead
     INTERRUPTED = 130  # a stop signal; the trial in progress is run again
 
 

@@ -367,6 +367,30 @@ def _eager(module: AllConvModule) -> torch.nn.Module:
     return getattr(module.net, "_orig_mod", module.net)
 
 
+def gpu_problem(needed: int) -> str | None:
+    """Why this process cannot train on `needed` GPUs, or None: CUDA must start and see them
+    (torch built for a newer CUDA than the driver has only warns, and trains on the CPU)."""
+    seen = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if seen >= needed:
+        return None
+    return (
+        f"given GPU(s) {os.environ.get('CUDA_VISIBLE_DEVICES') or '(none)'} but CUDA sees "
+        f"{seen} here (torch {torch.__version__} built for CUDA {torch.version.cuda}; "
+        f"driver: {driver_version()})"
+    )
+
+
+def driver_version() -> str:
+    """The NVIDIA driver as nvidia-smi reports it, or why it cannot say."""
+    cmd = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+    try:
+        out = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.SubprocessError) as err:
+        return f"unknown, nvidia-smi: {err}"
+    said = (out.stdout.strip() or out.stderr.strip() or "no output").splitlines()[0]
+    return said if out.returncode == 0 else f"unknown, nvidia-smi exited {out.returncode}: {said}"
+
+
 def set_threads(n: int | None) -> None:
     """Pin torch (and BLAS) to n threads so parallel workers do not oversubscribe cores."""
     if n:

@@ -101,6 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--limit", type=int, default=None, help="stop once the study has this many")
     p.add_argument("--status", default=None)
     p.add_argument("--devices-per-trial", type=int, default=1)
+    p.add_argument("--gpus", action="store_true", help="pinned to GPUs: train on them or stop")
     args = p.parse_args(argv)
     if not args.storage:
         p.error(f"give --storage or set {process.STORAGE_ENV}")
@@ -124,6 +125,12 @@ def _work(args: argparse.Namespace, status: StatusFile) -> tuple[Exit, str | Non
     status.write(
         state="starting", devices=os.environ.get("CUDA_VISIBLE_DEVICES"), threads=args.threads
     )
+    if args.gpus and (problem := run.gpu_problem(args.devices_per_trial)) is not None:
+        if not os.environ.get(process.CPU_FOR_GPU_ENV):
+            status.write(state="no GPU")
+            return Exit.NO_GPU, f"{problem}; it does not train on the CPU instead"
+        print(f"worker {args.worker}: {problem}; training on the CPU, as "
+              f"{process.CPU_FOR_GPU_ENV} asks", file=sys.stderr)  # fmt: skip
     try:
         sweep = load(args.file)
         study = open_study(sweep, args.storage, args.study, create=False, worker=args.worker)

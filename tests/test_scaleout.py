@@ -18,7 +18,7 @@ from lightning.pytorch.callbacks import Callback
 
 from ablations import sweep_file
 from ablations.cli import main
-from ablations.process import STORAGE_ENV
+from ablations.process import CPU_FOR_GPU_ENV, STORAGE_ENV
 from ablations.settings import resolve
 from ablations.storage import default_url, open_storage
 from ablations.study import open_study, trial_state
@@ -296,11 +296,12 @@ def test_trials_per_device_without_a_gpu_is_refused(tmp_path, in_tmp, capsys):
 
 def test_trials_per_device_starts_that_many_workers_per_gpu(tmp_path, in_tmp):
     """A GPU named in CUDA_VISIBLE_DEVICES (this machine has none, so the trials train on
-    the CPU): two workers on it, each pinned to it with half the threads, and the grid done
-    once. (How workers spread over several GPUs: the worker_plan test above.)"""
+    the CPU, as CPU_FOR_GPU_ENV asks by name): two workers on it, each pinned to it with half
+    the threads, and the grid done once. (How workers spread over several GPUs: the
+    worker_plan test above.)"""
     file = write_sweep(tmp_path / "s.yaml")
     cmd = [*sweep_cli(file, workers=1), "--devices", "auto", "--trials-per-device", "2"]
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0"}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "0", CPU_FOR_GPU_ENV: "1"}
     out = subprocess.run(cmd, capture_output=True, text=True, timeout=600, env=env)
     assert out.returncode == 0, out.stderr
     lines = [json.loads(p.read_text()) for p in sorted(Path("runs/t/workers").glob("*.json"))]
