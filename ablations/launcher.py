@@ -23,7 +23,14 @@ import optuna
 from ablations import process, wandb_log
 from ablations.display import watch
 from ablations.preflight import dry_run, gpus_to_use, preflight, usable_cpus, worker_plan
-from ablations.process import Exit, WorkerStatus, stop_signals, stops_wait, worker_env
+from ablations.process import (
+    Exit,
+    WorkerStatus,
+    free_ports,
+    stop_signals,
+    stops_wait,
+    worker_env,
+)
 from ablations.storage import default_url, describe_url
 from ablations.study import (
     MAX_ATTEMPTS,
@@ -60,7 +67,9 @@ def launch(args: argparse.Namespace) -> int:
             f"--devices-per-trial {k} does not divide the {len(gpus)} GPUs ({','.join(gpus)})"
         )
     groups = [",".join(gpus[i : i + k]) for i in range(0, len(gpus), k)]
-    skipped = preflight(sweep, Path(args.runs_dir), storage_given=args.storage is not None)
+    skipped = preflight(
+        sweep, Path(args.runs_dir), storage_given=args.storage is not None, devices_per_trial=k
+    )
     if args.workers < 1:
         raise SweepError(f"--workers {args.workers}: give at least 1")
     if args.trials_per_device < 1:
@@ -101,6 +110,8 @@ def launch(args: argparse.Namespace) -> int:
     status_dir = runs_dir / "workers"
     status_dir.mkdir(parents=True, exist_ok=True)
     snapshot = write_snapshot(sweep, runs_dir / "sweep.yaml", args.file)
+    # a DDP trial's ranks meet on 127.0.0.1 at their worker's own port, distinct per worker
+    ports = free_ports(len(plan)) if k > 1 else [None] * len(plan)
     procs: list[subprocess.Popen] = []
     t0 = time.time()
     previous = {n: signal.signal(n, _terminated) for n in stop_signals()}
@@ -112,6 +123,7 @@ def launch(args: argparse.Namespace) -> int:
                 argv += ["--status", str(status_dir / f"worker-{i}.json")]
                 argv += ["--devices-per-trial", str(k)]
                 argv += ["--gpus"] if devices is not None else []
+                argv += ["--ddp-port", str(ports[i])] if ports[i] else []
                 argv += ["--limit", str(limit)] if limit is not None else []
                 procs.append(_start_worker(argv, url, threads, devices, runs_dir / "logs", i))
         watch(study, sweep, procs, status_dir, t0)

@@ -71,7 +71,12 @@ def visible_gpus() -> list[str]:
 
 
 def preflight(
-    sweep: Sweep, runs_root: Path, *, storage_given: bool, samples: int = 20
+    sweep: Sweep,
+    runs_root: Path,
+    *,
+    storage_given: bool,
+    samples: int = 20,
+    devices_per_trial: int = 1,
 ) -> list[tuple[dict[str, Any], str]]:
     """What would fail in every trial, found before any worker starts (and in --dry-run):
     the runs folder must be writable, each data set readable with every cell's split, and
@@ -110,6 +115,13 @@ def preflight(
     skipped = []
     for cell in cells or [{}]:
         settings = resolve({**sweep.base, **cell})
+        k, batch = devices_per_trial, settings["train.batch_size"]
+        if batch % k:
+            raise SweepError(
+                f"--devices-per-trial {k}: train.batch_size {batch} is not a multiple of {k}; "
+                "each rank takes an equal share of a step's images, so that the trial is the "
+                "same experiment at any number of ranks"
+            )
         dataset, folder = settings["data.dataset"], settings["data.dir"]
         if (dataset, folder) not in sizes:
             try:

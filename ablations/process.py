@@ -18,6 +18,7 @@ import errno
 import json
 import os
 import signal
+import socket
 import sys
 import time
 from collections.abc import Iterator
@@ -52,6 +53,20 @@ def worker_env(url: str, threads: int, devices: str | None) -> dict[str, str]:
     env[LAUNCHER_PID_ENV] = str(os.getpid())
     env["CUDA_VISIBLE_DEVICES"] = "" if devices is None else devices
     return env
+
+
+def free_ports(n: int) -> list[int]:
+    """n distinct ports free now (all bound at once, then released)."""
+    socks = []
+    try:
+        for _ in range(n):
+            s = socket.socket()
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+        return [s.getsockname()[1] for s in socks]
+    finally:
+        for s in socks:
+            s.close()
 
 
 def storage_flag(parser) -> None:
@@ -216,6 +231,11 @@ class Stops:
             yield
         finally:
             cls.held = False
+
+    @classmethod
+    def hold(cls) -> None:
+        """From now until the record is stored, stops wait (a trial's fit has returned)."""
+        cls.held = True
 
     @classmethod
     def raise_pending(cls) -> None:

@@ -68,6 +68,7 @@ class Metrics:
 class Timings:
     fit_seconds: float | None = None
     images_per_second: float | None = None  # training batches only, every rank's images
+    first_epoch_seconds: float | None = None  # its training batches (compilation included)
 
 
 @dataclass(frozen=True)
@@ -78,6 +79,8 @@ class Provenance:
     run_dir: str | None = None
     data_files: list[str] | None = _key("data.files")
     wandb_run_id: str | None = None
+    world_size: int | None = None  # ranks of the trial (--devices-per-trial)
+    rank_batch_size: int | None = None  # each rank's share of train.batch_size
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,8 @@ import os
 import re
 import subprocess
 import time
+import zlib
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -16,17 +18,19 @@ from typing import Any, NamedTuple
 import lightning as L
 import torch
 import yaml
+from lightning.fabric.plugins.environments import LightningEnvironment
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from ablations.files import atomic_write
+from ablations.process import free_ports
 from ablations.record import Metrics, Outcome, Provenance, Timings, TrialRecord
 from ablations.settings import Settings, SettingsError, model_spec, recorded
 from datamodules import AllConvDataModule
 from lightning_modules.module import AllConvModule
 from lightning_modules.net import count_macs, count_params
-from lightning_modules.precision import resolve_precision
+from lightning_modules.precision import lightning_precision, resolve_precision
 
 TRAIN_KEYS = ("lr", "lr_gamma", "warmup_epochs", "momentum", "weight_decay", "epochs", "compile")
 
@@ -47,6 +51,7 @@ class EpochRecorder(Callback):
         self.diverged: str | None = None
         self.first_step_at: float | None = None  # Unix time of the first training batch
         self._t0: float | None = None
+        self._epoch: dict[str, float] = {}
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -64,11 +69,14 @@ class EpochRecorder(Callback):
         if self._t0 is None:
             return
         self._sync(pl_module)
-        self.train_seconds += time.perf_counter() - self._t0
+        seconds, images = time.perf_counter() - self._t0, 0
         self._t0 = None
         loader = trainer.train_dataloader
         if hasattr(loader, "x"):  # every rank's images: the throughput of the whole trial
-            self.train_images += len(loader.indices(0)) * loader.world_size
+            images = len(loader.indices(0)) * loader.world_size
+        self.train_seconds += seconds
+        self.train_images += images
+        self._epoch = {"train_seconds": round(seconds, 4), "train_images": images}
 
     def on_validation_epoch_start(self, trainer, pl_module) -> None:
         if trainer.state.fn == "fit" and not trainer.sanity_checking:
@@ -76,7 +84,7 @@ class EpochRecorder(Callback):
 
     def on_train_epoch_end(self, trainer, pl_module) -> None:
         self._stop_clock(trainer, pl_module)
-        row = {"epoch": trainer.current_epoch}
+        row = {"epoch": trainer.current_epoch, **self._epoch}
         for k, v in trainer.callback_metrics.items():
             if k.startswith(("train/", "val/")):
                 row[k] = float(v)
@@ -200,6 +208,47 @@ def free_dir(root: Path, stem: str) -> Path:
     raise FileExistsError(f"no free run folder for {stem} under {root}")
 
 
+class TrialEnvironment(LightningEnvironment):
+    """Where a trial's DDP ranks meet: this machine (127.0.0.1) at the port its worker was
+    given, whatever the job's environment says. Lightning would otherwise take SLURM's
+    (every spawned rank rank 0 of a world of `SLURM_NTASKS`, on a port fixed per job) or a
+    `MASTER_PORT` that every concurrent trial on the node shares (Kubernetes sets one)."""
+
+    def __init__(self, port: int) -> None:
+        super().__init__()
+        self._main_port = port
+
+    @property
+    def creates_processes_externally(self) -> bool:
+        return False  # a LOCAL_RANK from torchrun or a scheduler is not ours: we spawn
+
+    @property
+    def main_address(self) -> str:
+        return "127.0.0.1"
+
+    @property
+    def main_port(self) -> int:
+        return self._main_port
+
+    def local_rank(self) -> int:
+        return self.global_rank()  # one node: a rank's local rank is its rank
+
+    def node_rank(self) -> int:
+        return 0
+
+
+class RankSeeds(Callback):
+    """Under DDP every spawned rank starts from rank 0's random state (the same dropout masks
+    and flips on every shard): ranks after the first draw from their own seed."""
+
+    def __init__(self, seed: int) -> None:
+        self.seed = seed
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        if trainer.global_rank > 0:
+            torch.manual_seed(zlib.crc32(f"{self.seed}/rank{trainer.global_rank}".encode()))
+
+
 class SpawnedDDP(DDPStrategy):
     """`ddp_spawn` whose ranks leave their process group before they exit.
 
@@ -210,8 +259,9 @@ class SpawnedDDP(DDPStrategy):
     both ranks meet at a barrier and destroy the group while each can still reach the other.
     """
 
-    def __init__(self) -> None:
-        super().__init__(start_method="spawn")
+    def __init__(self, port: int | None = None) -> None:
+        port = port or free_ports(1)[0]
+        super().__init__(start_method="spawn", cluster_environment=TrialEnvironment(port))
 
     def teardown(self) -> None:
         super().teardown()
@@ -232,6 +282,7 @@ def make_trainer(
     progress: bool,
     devices: int | str,
     strategy: str,
+    ddp_port: int | None = None,
 ) -> tuple[L.Trainer, str, bool]:
     """The Trainer for a run; also returns its precision and whether it trains on CUDA."""
     accelerator = settings["train.accelerator"]
@@ -244,8 +295,10 @@ def make_trainer(
         # ddp_spawn, not ddp: ddp re-runs the command line in every rank, and a sweep worker
         # re-run would claim trials of its own. Spawned ranks get rank 0's pickled module, so
         # all ranks train the same settings; only this process talks to Optuna and W&B.
-        strategy=strategy if devices == 1 or strategy != "auto" else SpawnedDDP(),
-        precision=precision,
+        strategy=strategy if devices == 1 or strategy != "auto" else SpawnedDDP(ddp_port),
+        # one experiment at any K: the ranks' batch norm sees the global batch, as one device
+        sync_batchnorm=devices != 1,
+        precision=lightning_precision(precision),
         logger=[CSVLogger(run_dir, name="", version="lightning"), *loggers],
         callbacks=[
             recorder,
@@ -261,7 +314,9 @@ def make_trainer(
         use_distributed_sampler=False,  # the device loader shards by rank itself
         log_every_n_steps=50,
         limit_val_batches=1.0 if has_val else 0,
-        benchmark=use_cuda,
+        # cuDNN autotuning picks the fastest algorithm per shape, which differs run to run
+        benchmark=use_cuda and not settings["train.deterministic"],
+        deterministic=settings["train.deterministic"],
     )
     return trainer, precision, use_cuda
 
@@ -290,6 +345,8 @@ def train(
     devices: int | str = 1,
     strategy: str = "auto",
     prepared: Prepared | None = None,
+    ddp_port: int | None = None,
+    after_fit: Callable[[], None] | None = None,
 ) -> TrialRecord:
     """Prepare, make the trainer, fit, test if it completed, and return the run's record
     (also written to `result.yaml`). `settings` are resolved (settings.resolve)."""
@@ -309,15 +366,18 @@ def train(
         recorder,
         has_val=bool(len(dm.splits["val"][1])),
         loggers=list(loggers or []),
-        callbacks=callbacks,
+        callbacks=[*callbacks, RankSeeds(settings["seed"])],
         progress=progress,
         devices=devices,
         strategy=strategy,
+        ddp_port=ddp_port,
     )
 
     t0 = time.perf_counter()
     trainer.fit(module, datamodule=dm)
     fit_seconds = time.perf_counter() - t0
+    if after_fit is not None:  # in this process, whatever ran the fit (DDP: spawned ranks)
+        after_fit()
     recorder.load()  # rank 0's record, when DDP ran the fit in spawned processes
     state, message = outcome(module, recorder, callbacks)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -344,9 +404,10 @@ def train(
         ),
         timings=Timings(
             fit_seconds=round(fit_seconds, 3),
-            images_per_second=round(recorder.train_images / recorder.train_seconds, 1)
-            if recorder.train_seconds
-            else math.nan,
+            images_per_second=throughput(recorder.history, compiled=settings["train.compile"]),
+            first_epoch_seconds=recorder.history[0].get("train_seconds")
+            if recorder.history
+            else None,
         ),
         provenance=Provenance(
             device=device_name("gpu" if use_cuda else "cpu"),
@@ -354,6 +415,8 @@ def train(
             git_commit=git_commit(),
             run_dir=str(run_dir),
             data_files=dm.files,
+            world_size=trainer.world_size,
+            rank_batch_size=settings["train.batch_size"] // trainer.world_size,
         ),
         error_message=message,
         history=recorder.history,
@@ -361,6 +424,15 @@ def train(
     result = {**record.fields(), "history": record.history}
     (run_dir / "result.yaml").write_text(yaml.safe_dump(result, sort_keys=False))
     return record
+
+
+def throughput(history: list[dict[str, float]], *, compiled: bool) -> float:
+    """Training images a second. A compiled network compiles in its first epoch, so that
+    epoch is left out when there are others (its time is `first_epoch_seconds`)."""
+    epochs = history[1:] if compiled and len(history) > 1 else history
+    seconds = sum(e.get("train_seconds", 0.0) for e in epochs)
+    images = sum(e.get("train_images", 0) for e in epochs)
+    return round(images / seconds, 1) if seconds else math.nan
 
 
 def _eager(module: AllConvModule) -> torch.nn.Module:

@@ -130,16 +130,23 @@ SCHEMA: dict[str, Setting] = {
     "train.precision": Setting(
         str,
         "auto",
-        "auto: bf16 mixed where computed natively (CUDA >= 8.0, AVX512-BF16/AMX), else 32",
+        "auto: bf16 mixed where computed natively (CUDA >= 8.0, AVX512-BF16/AMX), else 32; "
+        "32 is 32-bit throughout (no TF32); tf32: TF32 matmuls and convolutions on CUDA",
         _names(PRECISIONS),
     ),
     "train.compile": Setting(bool, False, "torch.compile the network"),
+    "train.deterministic": Setting(
+        bool,
+        False,
+        "deterministic algorithms, no cuDNN autotuning: a re-run on a GPU repeats its numbers "
+        "(slower; CPU runs repeat theirs anyway)",
+    ),
     "train.accelerator": Setting(str, "auto", "Lightning accelerator", ("auto", "cpu", "gpu")),
     "seed": Setting(int, 0, "seeds data split, init, order and augmentation", low=0, high=MAX_SEED),
 }
 
 # Keys that only say where or how fast, not what is computed: left out of the cell identity.
-OPERATIONAL = ("data.dir", "train.accelerator", "train.compile")
+OPERATIONAL = ("data.dir", "train.accelerator", "train.compile", "train.deterministic")
 
 
 def defaults() -> dict[str, Any]:

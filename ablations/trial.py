@@ -63,7 +63,9 @@ class Pruning(PyTorchLightningPruningCallback, run.Stopper):
 
 class HoldSignalsAfterFit(Callback):
     """From the end of the fit, a stop waits until the trial is recorded: a run that trained
-    to the end is tested, written and told to the study, then the worker stops."""
+    to the end is tested, written and told to the study, then the worker stops. (The worker
+    itself holds from when `run.train`'s fit returns: under DDP these hooks run in the
+    spawned ranks, not in the worker.)"""
 
     def on_fit_end(self, trainer, pl_module) -> None:
         Stops.held = True
@@ -72,9 +74,16 @@ class HoldSignalsAfterFit(Callback):
         # trainer.test installs Lightning's SIGTERM handler again, in front of ours: it sets
         # a flag on which the evaluation loop ends the pass (SIGTERMException), and a trained
         # run was then interrupted. Ours alone handles SIGTERM through the test; Lightning
-        # restores it at teardown anyway.
-        if Stops.held and trainer.is_global_zero:
-            signal.signal(signal.SIGTERM, Stops.handler)
+        # restores it at teardown anyway. A test pass follows only a fit that completed, so
+        # each spawned DDP rank (a scheduler's stop reaches every process of the job) holds
+        # its stops too, and the pass ends on every rank.
+        stops = [signal.SIGTERM]
+        if trainer.world_size > 1:
+            Stops.held = True
+            stops.append(signal.SIGINT)
+        if Stops.held:
+            for signum in stops:
+                signal.signal(signum, Stops.handler)
             lightning_took_a_sigterm_of_ours(trainer)
 
 
@@ -95,13 +104,14 @@ def run_trial(
     wandb_mode: str,
     status: StatusFile,
     devices: int = 1,
+    ddp_port: int | None = None,
 ) -> Outcome:
     """Train one trial and record it in the study; returns its outcome."""
     with Heartbeat(storage_of(study), trial_id(trial)):
         try:
             outcome = _train_and_record(
                 study, trial, sweep, runs_dir=runs_dir, wandb_mode=wandb_mode, status=status,
-                devices=devices,
+                devices=devices, ddp_port=ddp_port,
             )  # fmt: skip
         except (KeyboardInterrupt, SystemExit):
             with contextlib.suppress(Exception):
@@ -128,6 +138,7 @@ def _train_and_record(
     wandb_mode: str,
     status: StatusFile,
     devices: int,
+    ddp_port: int | None,
 ) -> Outcome:
     try:
         params = suggest(trial, sweep)
@@ -172,6 +183,8 @@ def _train_and_record(
             progress=False,
             prepared=prepared,
             devices=devices,
+            ddp_port=ddp_port,
+            after_fit=Stops.hold,
         )
     except Exception as err:
         fault = machine_fault(err)

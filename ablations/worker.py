@@ -102,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--status", default=None)
     p.add_argument("--devices-per-trial", type=int, default=1)
     p.add_argument("--gpus", action="store_true", help="pinned to GPUs: train on them or stop")
+    p.add_argument("--ddp-port", type=int, default=None, help="where a DDP trial's ranks meet")
     args = p.parse_args(argv)
     if not args.storage:
         p.error(f"give --storage or set {process.STORAGE_ENV}")
@@ -155,6 +156,7 @@ def _work(args: argparse.Namespace, status: StatusFile) -> tuple[Exit, str | Non
                 wandb_mode=args.wandb,
                 status=status,
                 devices=args.devices_per_trial,
+                ddp_port=args.ddp_port,
             )
     except (KeyboardInterrupt, SystemExit):
         # another worker of the same sweep may run the cell again before any re-run does

@@ -79,6 +79,19 @@ class AllConvDataModule(L.LightningDataModule):
         self.rank, self.world_size = 0, 1
         self.device = torch.device("cpu")
 
+    def __getstate__(self) -> dict[str, Any]:
+        """What a spawned DDP rank receives: the settings and the fitted statistics as numpy
+        arrays, which pickle through the pipe, not the images. Tensors would travel through
+        /dev/shm (CIFAR-10 after GCN + ZCA is about 0.8 GB, for fit and again for test, per
+        concurrent trial; a container's default is 64 MB); each rank reads its data set
+        again and applies the same statistics (`load`)."""
+        state = self.__dict__.copy()
+        state["splits"] = None
+        if self.stats is not None:
+            stats = {k: v.detach().cpu().numpy() for k, v in self.stats.items()}
+            state["stats"], state["_carried"] = None, (stats, self.stats_source)
+        return state
+
     @property
     def root(self) -> Path:
         return Path(str(self.data["dir"])).expanduser()
@@ -88,6 +101,9 @@ class AllConvDataModule(L.LightningDataModule):
         `stats`: preprocessing statistics to use instead of the fitted ones (a checkpoint's)."""
         if self.splits is not None:
             return
+        carried, source = self.__dict__.pop("_carried", None) or (None, None)
+        if stats is None and carried is not None:  # a spawned rank: its parent's statistics
+            stats = {k: torch.from_numpy(v) for k, v in carried.items()}
         dataset, name = self.data["dataset"], self.data["preprocess"]
         raw = read_raw(dataset, self.root, self.download)
         _, h, w, c = raw.train_x.shape
@@ -115,7 +131,7 @@ class AllConvDataModule(L.LightningDataModule):
             constants=prep.constants,
         )
         if stats is not None:
-            self.stats, self.stats_source = dict(stats), "checkpoint"
+            self.stats, self.stats_source = dict(stats), source or "checkpoint"
         else:
             self.stats, self.stats_source = fitted_stats(
                 name, train_x, self.root / "cache", key, prefix=f"{dataset}-"
@@ -158,11 +174,18 @@ class AllConvDataModule(L.LightningDataModule):
             }
 
     def train_dataloader(self) -> DeviceLoader:
+        """Each rank takes its share of `batch_size`: a step sees `batch_size` images and an
+        epoch has as many steps at any number of ranks (the same experiment)."""
+        if self.batch_size % self.world_size:
+            raise DataError(
+                f"train.batch_size {self.batch_size} is not a multiple of the {self.world_size} "
+                "ranks: each rank takes an equal share of every step's images"
+            )
         x, y = self.splits["train"]
         return DeviceLoader(
             x,
             y,
-            self.batch_size,
+            self.batch_size // self.world_size,
             shuffle=True,
             augment=self.data["augment"],
             seed=self.seed,

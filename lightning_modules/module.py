@@ -36,6 +36,11 @@ class AllConvModule(L.LightningModule):
         # channels-last: the layout oneDNN and cuDNN run convolutions fastest in (benchmarks/)
         self.net = build(self.spec).to(memory_format=torch.channels_last)
         if train.get("compile"):
+            # Dynamo caches per code object: a worker's trials all share the network's
+            # `forward`, and each network adds entries (batch, last batch, evaluation, the
+            # dropout-on pass) against a recompile limit, past which it runs eagerly with one
+            # warning. A process trains one network at a time, so each starts afresh.
+            torch._dynamo.reset()
             self.net = torch.compile(self.net)
         n = self.spec.num_classes
         # validate_args=False: the check calls torch.unique on the labels, a host sync per
@@ -61,9 +66,10 @@ class AllConvModule(L.LightningModule):
         logits = self(x)
         loss = F.cross_entropy(logits.float(), y)
         every = FINITE_CHECK_EVERY.get(loss.device.type, 16)
-        if idx % every == 0 and not torch.isfinite(loss):
+        if idx % every == 0 and not self._finite_everywhere(loss):
             return self._diverge(
-                f"non-finite training loss ({loss.item()}) at epoch "
+                f"non-finite training loss ({loss.item()} here, rank "
+                f"{self.trainer.global_rank} of {self.trainer.world_size}) at epoch "
                 f"{self.current_epoch}, step {idx}"
             )
         # No self.log or torchmetrics update per step: each costs about a millisecond of
@@ -88,6 +94,15 @@ class AllConvModule(L.LightningModule):
         self.log("train/loss", loss, on_step=False, on_epoch=True, sync_dist=True)
         self.log("train/error", error, on_step=False, on_epoch=True, sync_dist=True)
         self._train_logged = True
+
+    def _finite_everywhere(self, loss: torch.Tensor) -> bool:
+        """Whether the loss is finite on every rank. One rank that stopped alone would leave
+        the others waiting in the gradients' all-reduce until its timeout; the decision is
+        collective, at the same step on every rank."""
+        finite = bool(torch.isfinite(loss))
+        if self.trainer.world_size > 1:
+            finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
+        return finite
 
     def _diverge(self, reason: str) -> None:
         self.diverged = reason

@@ -5,10 +5,14 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
-# train.precision -> Lightning precision ("auto" is resolved per device by resolve_precision)
+# train.precision -> what a run records it ran in ("auto" is resolved per device by
+# resolve_precision). `32` is 32-bit throughout: on CUDA, cuDNN's convolutions would
+# otherwise run in TF32 (PyTorch's default), 10 bits of mantissa, and be labelled 32-bit;
+# `tf32` asks for TF32 by name.
 PRECISIONS: dict[str, str | None] = {
     "auto": None,
     "32": "32-true",
+    "tf32": "tf32",
     "bf16": "bf16-mixed",
     "16": "16-mixed",
 }
@@ -40,6 +44,8 @@ def resolve_precision(setting: str, device: str) -> str:
     dropout and preprocessing, full Fashion-MNIST, 3 seeds) did not show bf16 costing
     accuracy, and bf16 ran faster (docs/recipe.md, precision; sweeps/recipe_precision.yaml).
     """
+    if setting == "tf32" and device != "cuda":
+        return "32-true"  # no TF32 outside NVIDIA GPUs: what ran is 32-bit
     if setting != "auto":
         return PRECISIONS[setting]
     if device != "cuda":
@@ -49,3 +55,15 @@ def resolve_precision(setting: str, device: str) -> str:
     if torch.cuda.is_available():
         return "bf16-mixed" if torch.cuda.get_device_capability()[0] >= 8 else "32-true"
     return "32-true"
+
+
+def lightning_precision(resolved: str) -> str:
+    """The Trainer's precision for a resolved name, with the TF32 switches set to match
+    (`32-true`: off, so the convolutions are 32-bit; `tf32`: on; mixed precisions: left)."""
+    import torch
+
+    if resolved in ("32-true", "tf32"):
+        torch.backends.cudnn.allow_tf32 = resolved == "tf32"
+        torch.backends.cuda.matmul.allow_tf32 = resolved == "tf32"
+        return "32-true"
+    return resolved

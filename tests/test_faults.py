@@ -684,11 +684,14 @@ def test_a_signal_after_training_before_the_record_keeps_the_run(tmp_path, in_tm
     assert trial_state(first) == "complete", first.user_attrs.get("error_message")
 
 
-def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
+@pytest.mark.parametrize("ranks", [1, 2])
+def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp, ranks):
     """SIGTERM to the whole process group (a scheduler's stop: scancel, systemd, docker
     stop) while a trained run is tested. trainer.test installs Lightning's own SIGTERM
     handler, which used to end the pass and interrupt the trial; now the pass finishes, the
-    trial is recorded complete with its test error, then the worker stops."""
+    trial is recorded complete with its test error, then the worker stops. With 2 DDP ranks
+    the signal reaches the spawned ranks too, and the worker's own hold does not come from
+    a callback (those run in the ranks)."""
     params = {
         **SLOW_CELLS,
         "train.epochs": {"value": 1},
@@ -696,7 +699,7 @@ def test_sigterm_during_the_test_pass_keeps_the_trained_run(tmp_path, in_tmp):
     }
     file = write_sweep(tmp_path / "s.yaml", parameters=params)
     proc = subprocess.Popen(
-        sweep_cli(file, workers=1),
+        [*sweep_cli(file, workers=1), "--devices-per-trial", str(ranks)],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,

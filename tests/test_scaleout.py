@@ -14,6 +14,7 @@ from pathlib import Path
 
 import optuna
 import pytest
+import torch
 from lightning.pytorch.callbacks import Callback
 
 from ablations import sweep_file
@@ -201,7 +202,9 @@ class RankReport(Callback):
     def __init__(self, folder):
         self.folder = folder
 
-    def on_train_start(self, trainer, pl_module):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        if batch_idx:
+            return
         loader = trainer.train_dataloader
         (self.folder / f"rank{trainer.global_rank}.json").write_text(
             json.dumps(
@@ -209,6 +212,8 @@ class RankReport(Callback):
                     "hparams": dict(pl_module.hparams),
                     "world": trainer.world_size,
                     "shard": loader.indices(0).tolist(),
+                    "batch": loader.batch_size,
+                    "draw": torch.rand(4).tolist(),  # the dropout masks' random stream
                 }
             )
         )
@@ -227,6 +232,10 @@ def test_ddp_trial_on_two_cpu_ranks(tmp_path, in_tmp):
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert ranks[0]["hparams"] == ranks[1]["hparams"]
     assert ranks[0]["world"] == 2
+    # the global batch is train.batch_size at any K: each rank takes half of a step's images
+    assert ranks[0]["batch"] == ranks[1]["batch"] == 64
+    assert (result.provenance.world_size, result.provenance.rank_batch_size) == (2, 64)
+    assert ranks[0]["draw"] != ranks[1]["draw"]  # each rank its own dropout masks
     a, b = set(ranks[0]["shard"]), set(ranks[1]["shard"])
     assert not a & b and len(a) == len(b) == 256 // 2
     assert 0 <= result.metrics.test_error <= 100
