@@ -1,9 +1,18 @@
-"""The GPU check: one command, under 5 minutes, that says how fast the pipeline trains on this
-GPU and what the paper's protocol and Table 3 sweep will cost on it.
+"""The GPU check: one command, under 8 minutes on one H200, that says whether the sweep path
+trains on this GPU, whether bf16 trains as well as 32-bit here, how fast the pipeline trains
+and what the paper's protocol and Table 3 sweep will cost on it.
 
-    python -m benchmarks.gpu_check --out DIR
+    python -m benchmarks.gpu_check --out DIR [--data DIR_WITH_fashion-mnist]
 
-On an NVIDIA GPU it measures, for All-CNN-C at width 1.0, channels-last:
+It writes DIR/gpu_check.json after every figure (`"complete": false` until the end), so a
+failure or a timeout keeps what was measured; every child process has a timeout. First, the
+checks only a GPU can make:
+  - the real `ablate sweep --devices auto` on a 4-cell grid: outcomes, wall time and the
+    device every trial recorded (a GPU's name; a CPU there is the silent fallback), then the
+    same with --trials-per-device 2, and a --devices-per-trial 2 DDP trial with 2 GPUs;
+  - bf16 against 32-bit test error on a short Fashion-MNIST run, 2 seeds each (the IDX files
+    under --data/fashion-mnist, or Debian's package; skipped and said so without them).
+Then, for All-CNN-C at width 1.0, channels-last:
   - training images/s of the bare loop at batch 128 and 512, fp32 and bf16, with and without
     torch.compile (compile time reported apart);
   - the pipeline (ablations.run.train, as `ablate train` runs it) at batch 128 and 512 with
@@ -59,6 +68,9 @@ SIZES = {
         "epochs": 4,
         "eval_images": 7168,
         "shared": (2, 4),
+        "sweep": {"subset": 8192, "width": 1.0, "epochs": 2},
+        "accuracy": {"subset": None, "width": 0.5, "epochs": 5, "seeds": (0, 1)},
+        "child_timeout": 300,
     },
     "cpu": {
         "batches": (16, 32),
@@ -70,6 +82,9 @@ SIZES = {
         "epochs": 3,
         "eval_images": 32,
         "shared": (2,),
+        "sweep": {"subset": 256, "width": 0.125, "epochs": 1},
+        "accuracy": {"subset": 512, "width": 0.125, "epochs": 1, "seeds": (0,)},
+        "child_timeout": 300,
     },
 }
 
@@ -191,7 +206,12 @@ def pipeline(settings: dict[str, Any], run_dir: Path) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = common.parser(__doc__.splitlines()[0])
-    p.add_argument("--budget", type=float, default=240, help="seconds; the rest is skipped")
+    p.add_argument("--budget", type=float, default=360, help="seconds; the rest is skipped")
+    p.add_argument(
+        "--data",
+        default=str(ROOT / "data"),
+        help="folder with fashion-mnist/ (the IDX files) for the bf16 accuracy check",
+    )
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile runs")
     p.add_argument(
         "--device",
@@ -218,7 +238,21 @@ def run_check(args, root: Path) -> dict[str, Any]:
     x, y = (t.to(device) for t in dm.splits["train"])
     spec = module.spec
     skipped: list[str] = []
-    figures: dict[str, Any] = {"shortened": not cuda, "auto_precision": auto}
+    figures: dict[str, Any] = {"shortened": not cuda, "auto_precision": auto, "complete": False}
+    used = {
+        "device": device,
+        "sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.items()},
+        "model": "All-CNN-C" if cuda else "All-CNN-C at width 0.125 (shortened CPU run)",
+        "channels_last": True,
+        "protocol": PROTOCOL,
+        "sweep": "sweeps/paper_table3.yaml",
+        "run_settings": settings,
+    }
+
+    def save() -> Path:  # after every figure: a failure later keeps what was measured
+        figures["skipped"] = skipped
+        figures["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
+        return common.write_result("gpu_check", figures, used, args.out)
 
     def budget_left(what: str) -> bool:
         if time.perf_counter() - t_start < args.budget:
@@ -230,14 +264,39 @@ def run_check(args, root: Path) -> dict[str, Any]:
     def log(key: str, value: Any) -> None:
         print(f"  [{time.perf_counter() - t_start:5.1f} s] {key}: {value}")
 
+    # the checks only a GPU can make, first: the sweep path, then bf16 against 32-bit
+    gpus = torch.cuda.device_count() if cuda else 0
+    runs = [("1 trial per device", [])]
+    if cuda:
+        runs.append(("2 trials per device", ["--trials-per-device", "2"]))
+    else:
+        skipped.append("sweep path with 2 trials per device (CPU)")
+    if gpus >= 2:
+        runs.append(("DDP on 2 GPUs", ["--devices-per-trial", "2"]))
+    else:
+        skipped.append("DDP on 2 GPUs (fewer than 2 GPUs)")
+    figures["sweep_path"] = {}
+    for label, extra in runs:
+        if budget_left(f"sweep path, {label}"):
+            figures["sweep_path"][label] = sweep_path(root, label, extra, size, cuda)
+            log(f"ablate sweep --devices auto, {label}", figures["sweep_path"][label])
+            save()
+    if budget_left("bf16 against 32-bit accuracy"):
+        figures["precision_accuracy"] = precision_accuracy(root, Path(args.data), size, cuda)
+        log("bf16 against 32-bit test error", figures["precision_accuracy"])
+        save()
+
     # the loader alone, as the datamodule builds it for training
     loader = DeviceLoader(x, y, 128, shuffle=True, augment="flip-translate")
     figures["loader_images_per_second"] = round(device_loader_ips(loader, 3))
     log("loader flip-translate images/s", figures["loader_images_per_second"])
+    save()
     del loader
 
     # the bare loop: batch x precision, eager
     bare: dict[str, float] = {}
+    piped: dict[str, dict[str, Any]] = {}
+    ratios: dict[str, float] = {}
     compile_seconds: dict[str, float] = {}
 
     def bare_run(batch: int, precision: str, compiled: bool) -> None:
@@ -264,14 +323,14 @@ def run_check(args, root: Path) -> dict[str, Any]:
             timed = size["steps"][batch] * batch / bare[key]
             compile_seconds[key] = round(time.perf_counter() - t0 - timed, 1)
         log(f"bare {key} images/s", bare[key])
+        figures["train_images_per_second"] = {"bare": bare, "pipeline": piped}
+        save()
 
     for batch in size["batches"]:
         for precision in ("32-true", "bf16-mixed"):
             bare_run(batch, precision, False)
 
     # the pipeline, as `ablate train` runs it, at the default settings and at batch 512
-    piped: dict[str, dict[str, Any]] = {}
-    ratios: dict[str, float] = {}
 
     def pipeline_run(batch: int, compiled: bool) -> None:
         key = f"batch {batch} {auto}" + (" compile" if compiled else "")
@@ -286,6 +345,8 @@ def run_check(args, root: Path) -> dict[str, Any]:
         if key in bare:
             ratios[key] = round(ips / bare[key], 3)
         log(f"pipeline {key}", piped[key])
+        figures["pipeline_vs_bare"] = ratios
+        save()
 
     for batch in size["pipeline_batches"]:
         pipeline_run(batch, False)
@@ -305,6 +366,8 @@ def run_check(args, root: Path) -> dict[str, Any]:
         ),
     }
     log("eval images/s", evals)
+    figures["eval_images_per_second"] = evals
+    save()
 
     # each Table 3 model, bare, at the sweep's batch and precision; on a CPU the eval speed
     # is scaled from All-CNN-C's (each new conv shape costs oneDNN a kernel build there)
@@ -330,6 +393,8 @@ def run_check(args, root: Path) -> dict[str, Any]:
             eval_ips = evals["no_grad batch 1024"] * train_ips / bare[f"batch {batch0} {auto}"]
         models[name] = {"train": round(train_ips, 1), "eval": round(eval_ips, 1)}
     log("paper models images/s", models)
+    figures["paper_models_images_per_second"] = models
+    save()
 
     # several trainers on one device, as `ablate sweep --trials-per-device N` runs them
     shared: dict[str, float] = {}
@@ -339,9 +404,17 @@ def run_check(args, root: Path) -> dict[str, Any]:
         if not budget_left(f"{n} trainers on one device"):
             continue
         shared[f"{n} trainers"] = concurrent_images_per_second(
-            n, data_file, device, batch0, size["steps"][batch0], size["warmup"], auto
+            n,
+            data_file,
+            device,
+            batch0,
+            size["steps"][batch0],
+            size["warmup"],
+            auto,
+            timeout=size["child_timeout"],
         )
         log(f"{n} trainers on one device, images/s in all", shared[f"{n} trainers"])
+        save()
 
     # torch.compile: the costly part, last
     if compile_runs:
@@ -364,18 +437,8 @@ def run_check(args, root: Path) -> dict[str, Any]:
         },
     )
     figures["projection"] = project(piped, bare, evals, models, batch0, auto)
-    figures["skipped"] = skipped
-    figures["elapsed_seconds"] = round(time.perf_counter() - t_start, 1)
-    used = {
-        "device": device,
-        "sizes": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.items()},
-        "model": "All-CNN-C" if cuda else "All-CNN-C at width 0.125 (shortened CPU run)",
-        "channels_last": True,
-        "protocol": PROTOCOL,
-        "sweep": "sweeps/paper_table3.yaml",
-        "run_settings": settings,
-    }
-    path = common.write_result("gpu_check", figures, used, args.out)
+    figures["complete"] = True
+    path = save()
     proj = figures["projection"]
     print(
         f"projected: 350-epoch protocol {proj.get('protocol_hours')} h, paper_table3 "
@@ -385,6 +448,109 @@ def run_check(args, root: Path) -> dict[str, Any]:
     return figures
 
 
+SWEEP_GRID = """\
+name: gpu-check
+description: benchmarks/gpu_check.py, the sweep path on this device
+method: grid
+metric: {{name: val/error, goal: minimize}}
+parameters:
+  data.dataset: {{value: synthetic}}
+  data.dir: {{value: {data_dir}}}
+  data.subset: {{value: {subset}}}
+  data.preprocess: {{value: standardize}}
+  model.width: {{value: {width}}}
+  model.norm: {{value: batch}}
+  train.epochs: {{value: {epochs}}}
+  model.variant: {{values: [base, strided, convpool, all-cnn]}}
+"""
+
+
+def sweep_path(root: Path, label: str, extra: list[str], size: dict, cuda: bool) -> dict:
+    """`ablate sweep --devices auto` on a 4-cell grid, as a user runs it: its exit code, wall
+    time, the trials' outcomes and the device each recorded. On a CPU (the shortened run) a
+    named stand-in: CUDA_VISIBLE_DEVICES=0 with the CPU standing in by name."""
+    from ablations.process import CPU_FOR_GPU_ENV
+
+    folder = root / ("sweep-" + "".join(c if c.isalnum() else "-" for c in label))
+    folder.mkdir(parents=True)
+    grid = SWEEP_GRID.format(data_dir=root / "data", **size["sweep"])
+    (folder / "sweep.yaml").write_text(grid)
+    cmd = [sys.executable, "-m", "ablations.cli", "sweep", str(folder / "sweep.yaml")]
+    cmd += ["--devices", "auto", *extra, "--wandb", "disabled", "--runs-dir", str(folder)]
+    env = dict(os.environ, WANDB_SILENT="true")
+    if not cuda:
+        env.update({"CUDA_VISIBLE_DEVICES": "0", CPU_FOR_GPU_ENV: "1"})
+    t0 = time.perf_counter()
+    try:
+        done = subprocess.run(
+            cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=size["child_timeout"]
+        )
+    except subprocess.TimeoutExpired:
+        return {"error": f"timed out after {size['child_timeout']} s"}
+    wall = time.perf_counter() - t0
+    from ablations.record import TrialRecord
+    from ablations.study import find
+
+    try:
+        study, _ = find("gpu-check", None, folder)
+    except Exception as err:  # the sweep never made its study: its own words say why
+        return {"returncode": done.returncode, "error": f"{err}", "stderr": done.stderr[-2000:]}
+    records = [TrialRecord.of(t) for t in study.get_trials()]
+    out = {
+        "returncode": done.returncode,
+        "wall_seconds": round(wall, 1),
+        "outcomes": sorted(r.outcome.value for r in records),
+        "devices": sorted({str(r.provenance.device) for r in records}),
+        "precisions": sorted({str(r.provenance.precision) for r in records}),
+        "world_sizes": sorted({r.provenance.world_size or 0 for r in records}),
+        "images_per_second": [r.timings.images_per_second for r in records],
+    }
+    if done.returncode:
+        out["stderr"] = done.stderr[-2000:]
+    if cuda and any(d.startswith("cpu") for d in out["devices"]):
+        out["error"] = "a trial trained on the CPU though the sweep was given GPUs"
+    return out
+
+
+def precision_accuracy(root: Path, data: Path, size: dict, cuda: bool) -> dict:
+    """Test error of the same short Fashion-MNIST runs in 32-bit and in bf16 mixed, per seed:
+    whether bf16 (auto's choice on this device) trains as well as 32-bit here."""
+    from datamodules.sources import fashion_mnist_dirs
+
+    have = [d for d in fashion_mnist_dirs(data) if list(d.glob("train-images-idx3-ubyte*"))]
+    if not have:
+        return {"skipped": f"no Fashion-MNIST IDX files under {data}/fashion-mnist"}
+    acc = size["accuracy"]
+    errors: dict[str, list[float]] = {}
+    seconds: dict[str, float] = {}
+    for precision in ("32", "bf16"):
+        for seed in acc["seeds"]:
+            overrides = {
+                "data.dataset": "fashion-mnist",
+                "data.dir": str(data),
+                "model.width": acc["width"],
+                "model.norm": "batch",
+                "train.epochs": acc["epochs"],
+                "train.lr": 0.05,
+                "train.precision": precision,
+                "train.accelerator": "auto" if cuda else "cpu",
+                "seed": seed,
+            }
+            if acc["subset"]:
+                overrides["data.subset"] = acc["subset"]
+            s = settings.resolve(overrides)
+            record = run.train(s, root / f"accuracy-{precision}-{seed}", progress=False)
+            errors.setdefault(precision, []).append(round(record.metrics.test_error, 2))
+            seconds[precision] = seconds.get(precision, 0.0) + (record.timings.fit_seconds or 0)
+    diffs = [b - a for a, b in zip(errors["32"], errors["bf16"])]
+    return {
+        "test_error": errors,
+        "bf16_minus_32_points": [round(d, 2) for d in diffs],
+        "fit_seconds": {k: round(v, 1) for k, v in seconds.items()},
+        "settings": {**acc, "seeds": list(acc["seeds"]), "lr": 0.05, "norm": "batch"},
+    }
+
+
 SHARED_WORKER = """
 import json, sys, time
 import torch
@@ -392,6 +558,7 @@ from benchmarks import common
 from lightning_modules.family import ModelSpec
 
 path, device, batch, steps, warmup, precision, start_at = sys.argv[1:]
+torch.backends.cudnn.benchmark = device == "cuda"  # as the one-trainer baseline runs
 data = torch.load(path)
 x, y = data["x"].to(device), data["y"].to(device)
 spec = ModelSpec(**data["spec"])
@@ -407,8 +574,16 @@ print(json.dumps({"images_per_second": ips}))
 
 
 def concurrent_images_per_second(
-    n: int, data_file: Path, device: str, batch: int, steps: int, warmup: int, precision: str
-) -> float:
+    n: int,
+    data_file: Path,
+    device: str,
+    batch: int,
+    steps: int,
+    warmup: int,
+    precision: str,
+    *,
+    timeout: float,
+) -> float | str:
     """Training images/s of n bare trainers in separate processes on one device, summed: what
     `--trials-per-device n` can gain over one trainer (the bare loop's figure)."""
     start_at = time.time() + (40 if device == "cuda" else 25)  # imports and CUDA start-up
@@ -423,9 +598,18 @@ def concurrent_images_per_second(
         )
         for _ in range(n)
     ]
-    rates = [
-        json.loads(p.communicate()[0].strip().splitlines()[-1])["images_per_second"] for p in procs
-    ]
+    rates = []
+    try:
+        for p in procs:
+            out, _ = p.communicate(timeout=max(1.0, start_at + timeout - time.time()))
+            rates.append(json.loads(out.strip().splitlines()[-1])["images_per_second"])
+    except subprocess.TimeoutExpired:
+        return f"timed out after {timeout} s"
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
     return round(sum(rates), 1)
 
 

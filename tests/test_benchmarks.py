@@ -34,6 +34,14 @@ def test_shortened_gpu_check_writes_every_figure(check):
     assert proj["protocol_hours"] > 0 and proj["paper_table3_cells"] == 144
     assert proj["paper_table3_hours_one_gpu"] > 0
     assert "torch.compile runs (CPU or --no-compile)" in f["skipped"]
+    assert f["complete"] is True
+    # the real sweep path, here with the CPU standing in for GPU 0 by name
+    sweep = f["sweep_path"]["1 trial per device"]
+    assert sweep["returncode"] == 0 and sweep["outcomes"] == ["complete"] * 4, sweep
+    assert all(d.startswith("cpu") for d in sweep["devices"]) and sweep["world_sizes"] == [1]
+    acc = f["precision_accuracy"]
+    if "skipped" not in acc:  # Fashion-MNIST is installed here
+        assert set(acc["test_error"]) == {"32", "bf16"} and len(acc["bf16_minus_32_points"]) == 1
 
 
 def test_results_carry_the_machine_and_settings(check):
