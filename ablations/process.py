@@ -44,11 +44,25 @@ HEARTBEAT_S = float(os.environ.get(HEARTBEAT_ENV, 10))
 GRACE_S = float(os.environ.get(GRACE_ENV, 60))
 
 
+# what torchrun, Kubernetes or a job script set for their own ranks
+TORCH_DISTRIBUTED_ENV = (
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "RANK",
+    "LOCAL_RANK",
+    "WORLD_SIZE",
+    "GROUP_RANK",
+    "NODE_RANK",
+)
+
+
 def worker_env(url: str, threads: int, devices: str | None) -> dict[str, str]:
     """A worker's environment: ours, plus its storage, its launcher, its threads and GPUs.
     A CPU worker sees no GPU (`CUDA_VISIBLE_DEVICES=""`): on a GPU host it would otherwise
     train on GPU 0, in another precision than the CPU run it stands for."""
     env = dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONUNBUFFERED="1")
+    for name in TORCH_DISTRIBUTED_ENV:  # a job's own ranks are not a trial's (run.TrialEnvironment)
+        env.pop(name, None)
     env[STORAGE_ENV] = url
     env[LAUNCHER_PID_ENV] = str(os.getpid())
     env["CUDA_VISIBLE_DEVICES"] = "" if devices is None else devices

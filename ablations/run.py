@@ -230,9 +230,6 @@ class TrialEnvironment(LightningEnvironment):
     def main_port(self) -> int:
         return self._main_port
 
-    def local_rank(self) -> int:
-        return self.global_rank()  # one node: a rank's local rank is its rank
-
     def node_rank(self) -> int:
         return 0
 

@@ -91,7 +91,8 @@ def lightning_took_a_sigterm_of_ours(trainer) -> None:
     """A SIGTERM between trainer.test's handler and on_test_start reached Lightning too, and
     set the flag its evaluation loop checks; ours holds it, so Lightning's is cleared. Private
     API (Lightning 2.6's _SignalConnector), the one use in this project."""
-    if Stops.pending is not None:
+    if Stops.pending is not None or trainer.world_size > 1:
+        # a spawned rank: a SIGTERM before this hook reached Lightning's handler alone
         trainer._signal_connector.received_sigterm = False
 
 
@@ -171,7 +172,8 @@ def _train_and_record(
         project=sweep.project,
         entity=sweep.entity,
     )
-    callbacks: list = [status, HoldSignalsAfterFit()]
+    # the hold first: a stop that comes as the status says "testing" is already held
+    callbacks: list = [HoldSignalsAfterFit(), status]
     if sweep.hyperband is not None:
         callbacks.append(Pruning(trial, monitor=sweep.metric))
     try:

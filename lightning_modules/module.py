@@ -104,10 +104,14 @@ class AllConvModule(L.LightningModule):
             finite = self.trainer.strategy.reduce_boolean_decision(finite, all=True)
         return finite
 
-    def _diverge(self, reason: str) -> None:
+    def _diverge(self, reason: str) -> torch.Tensor | None:
         self.diverged = reason
         self.trainer.should_stop = True
-        return None  # Lightning skips the backward and the optimiser step
+        if self.trainer.world_size == 1:
+            return None  # Lightning skips the backward and the optimiser step
+        # under DDP every rank must take part in the step's all-reduce (Lightning refuses a
+        # None there): a loss whose gradients are zero, whatever the weights hold
+        return sum(p.sum() for p in self.parameters()) * 0.0
 
     def on_train_epoch_end(self) -> None:
         self._log_train_epoch()  # an epoch cut short (a stop) never reached its last step
