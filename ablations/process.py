@@ -167,12 +167,14 @@ def stop_signals() -> list[int]:
 
 @contextlib.contextmanager
 def stops_wait() -> Iterator[None]:
-    """In the launcher, while it starts workers: SIGINT and SIGTERM blocked in this thread. A
-    thread's signal mask passes through fork and exec, so in a new worker a stop that comes
-    while its interpreter starts stays pending until it can take it quietly
-    (`follow_the_launcher` unblocks them), instead of a KeyboardInterrupt traceback from the
-    middle of an import; here a stop waits until every started worker is known, so it can
-    be stopped."""
+    """SIGINT and SIGTERM blocked in this thread while the block runs. A thread's signal mask
+    passes through fork and exec, so the processes it starts begin with them blocked. In the
+    launcher, while it starts workers: a stop that comes while a worker's interpreter starts
+    stays pending until it can take it quietly (`follow_the_launcher` unblocks them), instead
+    of a KeyboardInterrupt traceback from the middle of an import, and here a stop waits
+    until every started worker is known, so it can be stopped. In a worker, around a DDP
+    test pass (run.train): the spawned ranks never take a stop; the worker does (the kernel
+    hands it to a thread that does not block it) and holds it."""
     previous = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT, signal.SIGTERM})
     try:
         yield

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -24,7 +25,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
 from ablations.files import atomic_write
-from ablations.process import free_ports
+from ablations.process import free_ports, stops_wait
 from ablations.record import Metrics, Outcome, Provenance, Timings, TrialRecord
 from ablations.settings import Settings, SettingsError, model_spec, recorded
 from datamodules import AllConvDataModule
@@ -380,7 +381,13 @@ def train(
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
     tested = {}
     if state == Outcome.COMPLETE:
-        tested = (trainer.test(module, datamodule=dm, verbose=False) or [{}])[0]
+        # spawned DDP ranks start with SIGINT and SIGTERM blocked (a thread's mask passes
+        # to the processes it starts) and keep them so: a scheduler's stop, which reaches
+        # every process of the job, cannot end a rank, even before its handlers exist, and
+        # leave the other waiting; this process still takes it (another thread does) and
+        # holds it until the trial is recorded
+        with stops_wait() if trainer.world_size > 1 else contextlib.nullcontext():
+            tested = (trainer.test(module, datamodule=dm, verbose=False) or [{}])[0]
 
     val_curve = [(h["epoch"], h["val/error"]) for h in recorder.history if "val/error" in h]
     best = min(val_curve, key=lambda t: t[1]) if val_curve else (None, math.nan)

@@ -147,3 +147,17 @@ def test_the_launcher_tells_a_gpu_worker_so(tmp_path, in_tmp, monkeypatch):
         (False, ""),
         (False, ""),
     ]
+
+
+def test_a_batch_the_ranks_cannot_share_equally_is_refused_before_any_worker(
+    tmp_path, in_tmp, capsys
+):
+    """--devices-per-trial K splits every step's train.batch_size images over the K ranks
+    (the same experiment at any K): a batch K does not divide is refused, nothing written."""
+    file = write_sweep(tmp_path / "s.yaml")
+    before = tree(in_tmp)
+    argv = ["sweep", str(file), "--devices-per-trial", "3", "--wandb", "disabled"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert "--devices-per-trial 3: train.batch_size 128 is not a multiple of 3" in err, err
+    assert tree(in_tmp) == before
