@@ -40,7 +40,8 @@ def test_ddp_trials_side_by_side_meet_their_ranks_under_slurm_and_a_shared_maste
 ):
     """Two workers, each a 2-rank DDP trial at once, in a SLURM job's environment with a
     MASTER_PORT that something else holds: both cells complete at the first attempt, with
-    world size 2 and half of train.batch_size per rank in their records."""
+    world size 2 and half of train.batch_size per rank in their records; each trial is one
+    W&B run (only rank 0 logs) and one run folder."""
     file = write_sweep(
         tmp_path / "s.yaml", parameters={**FAST, "model.variant": {"values": ["base", "all-cnn"]}}
     )
@@ -54,7 +55,7 @@ def test_ddp_trials_side_by_side_meet_their_ranks_under_slurm_and_a_shared_maste
             "MASTER_PORT": str(held.getsockname()[1]),
         }
         argv = [sys.executable, "-m", "ablations.cli", "sweep", str(file), "--workers", "2"]
-        argv += ["--devices-per-trial", "2", "--wandb", "disabled"]
+        argv += ["--devices-per-trial", "2", "--wandb", "offline"]
         out = subprocess.run(argv, env=env, capture_output=True, text=True, timeout=900)
     assert out.returncode == 0, out.stderr[-3000:]
     storage = open_storage(default_url("t", Path("runs")))
@@ -64,6 +65,11 @@ def test_ddp_trials_side_by_side_meet_their_ranks_under_slurm_and_a_shared_maste
     ]
     for t in trials:
         assert (t.user_attrs["world_size"], t.user_attrs["rank_batch_size"]) == (2, 64)
+        assert t.user_attrs["wandb_run_id"]
+        assert len(list(Path(t.user_attrs["run_dir"]).glob("wandb/offline-run-*"))) == 1
+    assert sorted(p.name for p in Path("runs/t/trials").iterdir()) == sorted(
+        Path(t.user_attrs["run_dir"]).name for t in trials
+    )
     starts = sorted(t.datetime_start for t in trials)
     ends = sorted(t.datetime_complete for t in trials)
     assert starts[1] < ends[0], "the two DDP trials did not run at the same time"
