@@ -39,9 +39,7 @@ def test_shortened_gpu_check_writes_every_figure(check):
     sweep = f["sweep_path"]["1 trial per device"]
     assert sweep["returncode"] == 0 and sweep["outcomes"] == ["complete"] * 4, sweep
     assert all(d.startswith("cpu") for d in sweep["devices"]) and sweep["world_sizes"] == [1]
-    acc = f["precision_accuracy"]
-    if "skipped" not in acc:  # Fashion-MNIST is installed here
-        assert set(acc["test_error"]) == {"32", "bf16"} and len(acc["bf16_minus_32_points"]) == 1
+    assert f["precision_accuracy"] == {"skipped": "CPU (the shortened run)"}  # GPU only
 
 
 def test_results_carry_the_machine_and_settings(check):
