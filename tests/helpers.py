@@ -67,6 +67,25 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def popen_that_records(seen: list) -> type:
+    """A stand-in for subprocess.Popen that starts nothing: each (argv, env) goes to `seen`,
+    and the "process" has exited 0 (what the launcher passes its workers, without them)."""
+
+    class RecordedProc:
+        returncode = 0
+
+        def __init__(self, cmd, env, **kw):
+            seen.append((cmd, env))
+
+        def poll(self):
+            return 0
+
+        def wait(self, timeout=None):
+            return 0
+
+    return RecordedProc
+
+
 # --- sweeps ----------------------------------------------------------------------------------
 
 FAST = {

@@ -25,6 +25,7 @@ from tests.helpers import (
     FAST,
     load,
     make_study,
+    popen_that_records,
     run_worker,
     sweep_cli,
     tree,
@@ -308,20 +309,7 @@ def test_passwords_are_masked_in_messages():
 def test_workers_get_the_storage_url_from_the_environment_not_argv(tmp_path, in_tmp, monkeypatch):
     """`ps` shows every process's argv to every user: a database password must not be there."""
     seen = []
-
-    class FakeProc:
-        returncode = 0
-
-        def __init__(self, cmd, env, **kw):
-            seen.append((cmd, env))
-
-        def poll(self):
-            return 0
-
-        def wait(self, timeout=None):
-            return 0
-
-    monkeypatch.setattr(launcher.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(launcher.subprocess, "Popen", popen_that_records(seen))
     file = write_sweep(tmp_path / "s.yaml")
     url = str(in_tmp / "runs" / "t" / "optuna.journal")
     main(["sweep", str(file), "--storage", url, "--workers", "2", "--wandb", "disabled"])

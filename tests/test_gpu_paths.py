@@ -11,7 +11,7 @@ import pytest
 from ablations import launcher, process
 from ablations.cli import main
 from ablations.study import find
-from tests.helpers import tree, write_sweep
+from tests.helpers import popen_that_records, tree, write_sweep
 
 pytestmark = pytest.mark.slow
 
@@ -120,20 +120,7 @@ def test_the_launcher_tells_a_gpu_worker_so(tmp_path, in_tmp, monkeypatch):
     """Workers pinned to GPUs get --gpus (they check CUDA before they claim a cell); CPU
     workers neither get it nor see a GPU."""
     seen = []
-
-    class FakeProc:
-        returncode = 0
-
-        def __init__(self, cmd, env, **kw):
-            seen.append((cmd, env))
-
-        def poll(self):
-            return 0
-
-        def wait(self, timeout=None):
-            return 0
-
-    monkeypatch.setattr(launcher.subprocess, "Popen", FakeProc)
+    monkeypatch.setattr(launcher.subprocess, "Popen", popen_that_records(seen))
     monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "0,1")
     file = write_sweep(tmp_path / "s.yaml")
     main(["sweep", str(file), "--devices", "auto", "--wandb", "disabled"])
