@@ -31,6 +31,8 @@ from ablations.process import (
     stops_wait,
     worker_env,
 )
+from ablations.resume import CheckpointPolicy
+from ablations.settings import SettingsError
 from ablations.storage import default_url, describe_url
 from ablations.study import (
     MAX_ATTEMPTS,
@@ -79,6 +81,7 @@ def launch(args: argparse.Namespace) -> int:
             f"--trials-per-device {args.trials_per_device} shares GPUs between workers; "
             "this run has none (--devices auto or a GPU list); on CPUs use --workers N"
         )
+    policy = _policy(args)
     if args.dry_run:
         dry_run(sweep, study_name, describe_url(url), skipped)
         return Exit.OK
@@ -86,6 +89,8 @@ def launch(args: argparse.Namespace) -> int:
     invalid = [*invalid, *skipped]
     study = open_study(sweep, url, study_name, create=True)
     study.set_user_attr("sweep.run_cap", sweep.run_cap)
+    if policy is not None:  # recorded with the study: every worker, and later runs, keep it
+        policy.record(study)
     study.set_user_attr(SKIPPED_ATTR, sorted(cell_id(c) for c, _ in skipped))
     for cell, why in invalid:
         print(f"skipping invalid cell {cell_id(cell)}: {why}", file=sys.stderr)
@@ -268,6 +273,21 @@ def _closing_table(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path)
         print(f"closing export/W&B table failed: {err}", file=sys.stderr)
 
 
+def _policy(args: argparse.Namespace) -> CheckpointPolicy | None:
+    """The checkpoint options given, or None: the study keeps the policy it has."""
+    given = (args.checkpoint_every, args.checkpoint_minutes, args.keep_checkpoints)
+    if given == (None, None, False):
+        return None
+    try:
+        return CheckpointPolicy(
+            every_epochs=args.checkpoint_every or 1,
+            every_minutes=args.checkpoint_minutes,
+            keep_all=args.keep_checkpoints,
+        )
+    except SettingsError as err:
+        raise SweepError(str(err)) from None
+
+
 def register_cli(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser(
         "sweep",
@@ -305,7 +325,27 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         help=f"run again the cells given up after {MAX_ATTEMPTS} failed trials (and a "
         "random/bayes sweep stopped by failures), once their cause is fixed",
     )
-    p.add_argument("--dry-run", action="store_true", help="list the cells and their cost")
+    p.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=None,
+        metavar="N",
+        help="a trial writes its resumable checkpoint every N epochs (default 1; recorded "
+        "with the study)",
+    )
+    p.add_argument(
+        "--checkpoint-minutes",
+        type=float,
+        default=None,
+        metavar="M",
+        help="and whenever M minutes passed since its last one",
+    )
+    p.add_argument(
+        "--keep-checkpoints",
+        action="store_true",
+        help="a completed trial keeps its last two epoch checkpoints besides last.ckpt",
+    )
+    p.add_argument("--dry-run", action="store_true", help="list the cells and their estimated cost")
     p.add_argument(
         "--wandb",
         choices=wandb_log.MODES,

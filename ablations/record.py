@@ -69,6 +69,8 @@ class Timings:
     fit_seconds: float | None = None
     images_per_second: float | None = None  # training batches only, every rank's images
     first_epoch_seconds: float | None = None  # its training batches (compilation included)
+    segments: int | None = None  # fits it took: 1, plus one per resume from a checkpoint
+    resumed_from_epoch: int | None = None  # epochs complete in the checkpoint last resumed
 
 
 @dataclass(frozen=True)
@@ -145,6 +147,8 @@ COLUMNS = (
     "best_epoch",
     "epochs_run",
     "fit_seconds",
+    "segments",
+    "resumed_from_epoch",
     "images_per_second",
     "precision",
     "device",

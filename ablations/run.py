@@ -20,13 +20,16 @@ import lightning as L
 import torch
 import yaml
 from lightning.fabric.plugins.environments import LightningEnvironment
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 from lightning.pytorch.strategies import DDPStrategy
 
+from ablations.checkpoints import EpochCheckpoints, Resume
+from ablations.checkpoints import finish as finish_checkpoints
 from ablations.files import atomic_write
 from ablations.process import free_ports, stops_wait
 from ablations.record import Metrics, Outcome, Provenance, Timings, TrialRecord
+from ablations.resume import EVERY_EPOCH, CheckpointPolicy, Lease, TakenOver
 from ablations.settings import Settings, SettingsError, model_spec, recorded
 from datamodules import AllConvDataModule
 from lightning_modules.module import AllConvModule
@@ -44,15 +47,40 @@ class EpochRecorder(Callback):
     when DDP ran the fit in spawned processes.
     """
 
-    def __init__(self, path: Path | None = None) -> None:
+    def __init__(self, path: Path | None = None, lease: Lease | None = None) -> None:
         self.path = path
+        self.lease = lease  # a run folder taken over by another trial is not written to
         self.train_seconds = 0.0
         self.train_images = 0
         self.history: list[dict[str, float]] = []
         self.diverged: str | None = None
         self.first_step_at: float | None = None  # Unix time of the first training batch
+        # a resumed fit: the fit time of the segments before it (to its checkpoint), how
+        # many there were, and the epochs complete in the checkpoint it continued from
+        self.fit_seconds_before = 0.0
+        self.segments = 1
+        self.resumed_from_epoch: int | None = None
+        self._fit_t0 = time.perf_counter()
         self._t0: float | None = None
         self._epoch: dict[str, float] = {}
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._fit_t0 = time.perf_counter()
+
+    def state_dict(self) -> dict[str, Any]:
+        """In every checkpoint (Lightning saves a callback's state): the curves and the fit
+        time up to it, which a resumed fit carries on from."""
+        return {
+            **self.state(),
+            "fit_seconds": self.fit_seconds_before + time.perf_counter() - self._fit_t0,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.train_seconds, self.train_images = state["train_seconds"], state["train_images"]
+        self.history, self.first_step_at = list(state["history"]), state.get("first_step_at")
+        self.fit_seconds_before = state["fit_seconds"]
+        self.segments = state.get("segments", 1) + 1
+        self.resumed_from_epoch = len(self.history)
 
     def _sync(self, pl_module: L.LightningModule) -> None:
         if pl_module.device.type == "cuda":
@@ -91,7 +119,8 @@ class EpochRecorder(Callback):
                 row[k] = float(v)
         self.history.append(row)
         self.diverged = getattr(pl_module, "diverged", None)
-        if self.path is not None and trainer.is_global_zero:
+        held = self.lease is None or self.lease.held()
+        if self.path is not None and trainer.is_global_zero and held:
             atomic_write(self.path, json.dumps(self.state()))
 
     def state(self) -> dict:
@@ -101,6 +130,9 @@ class EpochRecorder(Callback):
             "history": self.history,
             "diverged": self.diverged,
             "first_step_at": self.first_step_at,
+            "fit_seconds_before": self.fit_seconds_before,
+            "segments": self.segments,
+            "resumed_from_epoch": self.resumed_from_epoch,
         }
 
     def load(self) -> None:
@@ -110,6 +142,9 @@ class EpochRecorder(Callback):
             self.train_seconds, self.train_images = saved["train_seconds"], saved["train_images"]
             self.history, self.diverged = saved["history"], saved["diverged"]
             self.first_step_at = saved.get("first_step_at")
+            self.fit_seconds_before = saved.get("fit_seconds_before", 0.0)
+            self.segments = saved.get("segments", 1)
+            self.resumed_from_epoch = saved.get("resumed_from_epoch")
 
 
 @functools.cache  # once per process: a worker's trials all run the code it started with
@@ -281,6 +316,8 @@ def make_trainer(
     devices: int | str,
     strategy: str,
     ddp_port: int | None = None,
+    checkpoints: EpochCheckpoints,
+    resume: Resume | None = None,
 ) -> tuple[L.Trainer, str, bool]:
     """The Trainer for a run; also returns its precision and whether it trains on CUDA."""
     accelerator = settings["train.accelerator"]
@@ -297,17 +334,18 @@ def make_trainer(
         # one experiment at any K: the ranks' batch norm sees the global batch, as one device
         sync_batchnorm=devices != 1,
         precision=lightning_precision(precision),
-        logger=[CSVLogger(run_dir, name="", version="lightning"), *loggers],
+        # Lightning's own CSV log, one folder per segment of a resumed trial (a resumed
+        # CSVLogger would delete the log it finds)
+        logger=[CSVLogger(run_dir, name="", version=_csv_version(run_dir, resume)), *loggers],
         callbacks=[
             recorder,
-            ModelCheckpoint(
-                dirpath=run_dir / "checkpoints", filename="last", enable_version_counter=False
-            ),
             *callbacks,
+            checkpoints,  # last: it saves what the callbacks before it recorded of the epoch
         ],
         default_root_dir=run_dir,
         enable_progress_bar=progress,
         enable_model_summary=False,
+        enable_checkpointing=False,  # EpochCheckpoints writes them (ablations/resume.py)
         num_sanity_val_steps=0,
         use_distributed_sampler=False,  # the device loader shards by rank itself
         log_every_n_steps=50,
@@ -317,6 +355,12 @@ def make_trainer(
         deterministic=settings["train.deterministic"],
     )
     return trainer, precision, use_cuda
+
+
+def _csv_version(run_dir: Path, resume: Resume | None) -> str:
+    if resume is None:
+        return "lightning"
+    return f"lightning-{len(list(run_dir.glob('lightning*'))) + 1}"
 
 
 def outcome(
@@ -345,9 +389,13 @@ def train(
     prepared: Prepared | None = None,
     ddp_port: int | None = None,
     after_fit: Callable[[], None] | None = None,
+    resume: Resume | None = None,
+    policy: CheckpointPolicy = EVERY_EPOCH,
+    lease: Lease | None = None,
 ) -> TrialRecord:
-    """Prepare, make the trainer, fit, test if it completed, and return the run's record
-    (also written to `result.yaml`). `settings` are resolved (settings.resolve)."""
+    """Prepare, make the trainer, fit (from `resume`'s checkpoint if given), test if it
+    completed, and return the run's record (also written to `result.yaml`). `settings` are
+    resolved (settings.resolve). Raises TakenOver if `lease` passed to another trial."""
     L.seed_everything(settings["seed"], workers=False, verbose=False)
     dm, module, flat = prepared or prepare(settings)
     callbacks = list(callbacks or [])
@@ -357,7 +405,8 @@ def train(
     (run_dir / "settings.yaml").write_text(
         yaml.safe_dump({**flat, "data.files": dm.files}, sort_keys=False)
     )
-    recorder = EpochRecorder(run_dir / "epochs.json")
+    recorder = EpochRecorder(run_dir / "epochs.json", lease)
+    checkpoints = EpochCheckpoints(run_dir, flat, policy, lease)
     trainer, precision, use_cuda = make_trainer(
         settings,
         run_dir,
@@ -369,13 +418,17 @@ def train(
         devices=devices,
         strategy=strategy,
         ddp_port=ddp_port,
+        checkpoints=checkpoints,
+        resume=resume,
     )
 
     t0 = time.perf_counter()
-    trainer.fit(module, datamodule=dm)
+    trainer.fit(module, datamodule=dm, ckpt_path=resume.path if resume else None, weights_only=True)
     fit_seconds = time.perf_counter() - t0
     if after_fit is not None:  # in this process, whatever ran the fit (DDP: spawned ranks)
         after_fit()
+    if lease is not None and not lease.held():
+        raise TakenOver(f"{run_dir} now belongs to trial {lease.owner()}")
     recorder.load()  # rank 0's record, when DDP ran the fit in spawned processes
     state, message = outcome(module, recorder, callbacks)
     metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
@@ -391,6 +444,7 @@ def train(
 
     val_curve = [(h["epoch"], h["val/error"]) for h in recorder.history if "val/error" in h]
     best = min(val_curve, key=lambda t: t[1]) if val_curve else (None, math.nan)
+    last = recorder.history[-1] if recorder.history else {}
     record = TrialRecord(
         outcome=state,
         settings=flat,
@@ -398,8 +452,9 @@ def train(
             val_error=val_curve[-1][1] if val_curve else math.nan,
             test_error=float(tested.get("test/error", math.nan)),
             test_error_dropout=float(tested.get("test/error_dropout", math.nan)),
-            train_loss=metrics.get("train/loss", math.nan),
-            val_loss=metrics.get("val/loss", math.nan),
+            # a resumed fit with no epoch left (stopped in its test pass) logged nothing new
+            train_loss=metrics.get("train/loss", last.get("train/loss", math.nan)),
+            val_loss=metrics.get("val/loss", last.get("val/loss", math.nan)),
             best_val_error=best[1],
             best_epoch=best[0],
             epochs_run=len(recorder.history),
@@ -407,7 +462,9 @@ def train(
             macs=count_macs(_eager(module).eval()),
         ),
         timings=Timings(
-            fit_seconds=round(fit_seconds, 3),
+            fit_seconds=round(recorder.fit_seconds_before + fit_seconds, 3),
+            segments=recorder.segments,
+            resumed_from_epoch=recorder.resumed_from_epoch,
             images_per_second=throughput(recorder.history, compiled=settings["train.compile"]),
             first_epoch_seconds=recorder.history[0].get("train_seconds")
             if recorder.history
@@ -425,8 +482,12 @@ def train(
         error_message=message,
         history=recorder.history,
     )
+    if lease is not None and not lease.held():
+        raise TakenOver(f"{run_dir} now belongs to trial {lease.owner()}")
+    if state == Outcome.COMPLETE:
+        finish_checkpoints(run_dir, policy)
     result = {**record.fields(), "history": record.history}
-    (run_dir / "result.yaml").write_text(yaml.safe_dump(result, sort_keys=False))
+    atomic_write(run_dir / "result.yaml", yaml.safe_dump(result, sort_keys=False))
     return record
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import math
 import signal
+import sys
 import traceback
 from pathlib import Path
 from typing import Any
@@ -21,10 +22,11 @@ from lightning.pytorch.callbacks import Callback
 from optuna.trial import TrialState
 from optuna_integration import PyTorchLightningPruningCallback
 
-from ablations import run, wandb_log
+from ablations import checkpoints, resume, run, wandb_log
 from ablations.liveness import Heartbeat
 from ablations.process import Stops, WorkerStatus, machine_fault
 from ablations.record import Outcome, TrialRecord, store
+from ablations.resume import EVERY_EPOCH, CheckpointPolicy, Lease, TakenOver
 from ablations.settings import resolve
 from ablations.storage import fail_trial, storage_of, trial_id
 from ablations.study import suggest
@@ -106,17 +108,24 @@ def run_trial(
     status: StatusFile,
     devices: int = 1,
     ddp_port: int | None = None,
+    policy: CheckpointPolicy = EVERY_EPOCH,
 ) -> Outcome:
-    """Train one trial and record it in the study; returns its outcome."""
+    """Train one trial (continuing the one it resumes) and record it in the study; returns
+    its outcome."""
     with Heartbeat(storage_of(study), trial_id(trial)):
         try:
             outcome = _train_and_record(
                 study, trial, sweep, runs_dir=runs_dir, wandb_mode=wandb_mode, status=status,
-                devices=devices, ddp_port=ddp_port,
+                devices=devices, ddp_port=ddp_port, policy=policy,
             )  # fmt: skip
         except (KeyboardInterrupt, SystemExit):
             with contextlib.suppress(Exception):
                 fail_trial(study, trial, "interrupted by a signal", interrupted=True)
+                status.write(state=Outcome.INTERRUPTED)
+            raise
+        except resume.ResumeError as err:  # bad input: the worker stops, exit 2
+            with contextlib.suppress(Exception):
+                fail_trial(study, trial, str(err), interrupted=True)
                 status.write(state=Outcome.INTERRUPTED)
             raise
         except OSError as err:  # the machine's fault (disk full, folder read-only), not the cell's
@@ -140,6 +149,7 @@ def _train_and_record(
     status: StatusFile,
     devices: int,
     ddp_port: int | None,
+    policy: CheckpointPolicy,
 ) -> Outcome:
     try:
         params = suggest(trial, sweep)
@@ -159,8 +169,28 @@ def _train_and_record(
         val_error=None,
         state=Outcome.RUNNING,
     )
-    # a folder left by a study whose journal was lost is kept: this trial gets `-2`
-    run_dir = run.free_dir(runs_dir / "trials", f"{trial.number:04d}-{run.run_name(flat)}")
+    inherited = trial.user_attrs  # from the interrupted trial it continues, if any
+    if "resumes" in inherited:  # its folder, its newest checkpoint that reads
+        run_dir = Path(inherited["run_dir"])
+        found = checkpoints.find(run_dir, flat, prepared.module)
+    else:  # a folder left by a study whose journal was lost is kept: this trial gets `-2`
+        run_dir = run.free_dir(runs_dir / "trials", f"{trial.number:04d}-{run.run_name(flat)}")
+        found = None
+    lease = Lease(run_dir, str(trial.number))
+    lease.take()
+    trial.set_user_attr("run_dir", str(run_dir))  # where a trial continuing this one looks
+    if found is not None:
+        print(
+            f"worker {status.worker}: trial {trial.number} continues trial "
+            f"{inherited['resumes']} from epoch {found.epoch} ({found.path.name})",
+            file=sys.stderr,
+        )
+        if sweep.hyperband is not None:  # the pruner compares what it has seen of each trial
+            report_curve(trial, sweep, found.history, force=True)
+    run_id = None
+    if wandb_mode != "disabled":  # one W&B run per trial, whatever its segments
+        run_id = inherited.get("wandb_run_id") or wandb_log.new_run_id()
+        trial.set_user_attr("wandb_run_id", run_id)
     logger = wandb_log.trial_logger(
         wandb_mode,
         study=study.study_name,
@@ -171,6 +201,7 @@ def _train_and_record(
         save_dir=run_dir,
         project=sweep.project,
         entity=sweep.entity,
+        run_id=run_id,
     )
     # the hold first: a stop that comes as the status says "testing" is already held
     callbacks: list = [HoldSignalsAfterFit(), status]
@@ -187,7 +218,12 @@ def _train_and_record(
             devices=devices,
             ddp_port=ddp_port,
             after_fit=Stops.hold,
+            resume=found,
+            policy=policy,
+            lease=lease,
         )
+    except TakenOver as err:
+        return _taken_over(trial, status, logger, err)
     except Exception as err:
         fault = machine_fault(err)
         if fault is not None:
@@ -197,7 +233,27 @@ def _train_and_record(
         )
         traceback.print_exc()
     with Stops.held_until_recorded():
+        if not lease.held() or not _running(study, trial):
+            return _taken_over(trial, status, logger, TakenOver(f"{run_dir} was taken over"))
         return _record(study, trial, sweep, record, logger, status)
+
+
+def _running(study: optuna.Study, trial: optuna.Trial) -> bool:
+    return storage_of(study).get_trial(trial_id(trial)).state == TrialState.RUNNING
+
+
+def _taken_over(trial: optuna.Trial, status: StatusFile, logger: Any, err: TakenOver) -> Outcome:
+    """Another worker presumed this one dead and continues its trial: record nothing."""
+    print(
+        f"worker {status.worker}: trial {trial.number} was taken over by another worker "
+        f"(its lease was presumed dead: {err}); not recording it, going on",
+        file=sys.stderr,
+    )
+    with contextlib.suppress(Exception):
+        if logger is not None:
+            logger.experiment.finish()
+    status.write(state="taken over")
+    return Outcome.INTERRUPTED
 
 
 def _record(
@@ -226,10 +282,13 @@ def _record(
     return record.outcome
 
 
-def report_curve(trial: optuna.Trial, sweep: Sweep, history: list[dict[str, Any]]) -> None:
+def report_curve(
+    trial: optuna.Trial, sweep: Sweep, history: list[dict[str, Any]], *, force: bool = False
+) -> None:
     """Each epoch's validation metric as Optuna intermediate values, for every method: the
-    dashboard's learning curves. Under hyperband the pruner has reported them already."""
-    if sweep.hyperband is not None:
+    dashboard's learning curves. Under hyperband the pruner has reported them already,
+    except those of the segments before a resume (`force`)."""
+    if sweep.hyperband is not None and not force:
         return
     key = sweep.metric if sweep.metric in ("val/error", "val/loss", "train/loss") else "val/error"
     for row in history:

@@ -66,8 +66,10 @@ def trial_logger(
     save_dir: Path,
     project: str | None,
     entity: str | None,
+    run_id: str | None = None,
 ) -> SafeWandbLogger | None:
-    """Start the trial's W&B run; None (with a warning) when W&B is off or cannot start."""
+    """Start the trial's W&B run, or continue it (`run_id`, kept by the trial a resumed one
+    continues); None (with a warning) when W&B is off or cannot start."""
     if mode == "disabled":
         return None
     config = {**{k: v for k, v in flat.items() if v is not None}, "study": study, "trial": trial}
@@ -88,6 +90,8 @@ def trial_logger(
             mode=mode,
             log_model=False,
             reinit="create_new",
+            id=run_id,
+            resume="allow",
         )
         logger.experiment  # noqa: B018  (starts the run now, inside this try)
     except Exception as err:
@@ -96,6 +100,12 @@ def trial_logger(
         )
         return None
     return logger
+
+
+def new_run_id() -> str:
+    import wandb.util
+
+    return wandb.util.generate_id()
 
 
 def finish(logger: SafeWandbLogger | None, summary: dict[str, Any]) -> str | None:

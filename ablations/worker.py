@@ -28,6 +28,7 @@ from ablations.journal import JournalLost  # noqa: E402
 from ablations.liveness import fail_stale, owner_stamp  # noqa: E402
 from ablations.process import Exit, Stops, machine_fault  # noqa: E402
 from ablations.record import Outcome  # noqa: E402
+from ablations.resume import CheckpointPolicy, ResumeError, predecessor, successor_attrs  # noqa: E402
 from ablations.storage import claim_lock, describe_url, fail_trial  # noqa: E402
 from ablations.study import (  # noqa: E402
     failure_streak,
@@ -52,7 +53,8 @@ class Claim:
 
 
 def claim(study: optuna.Study, sweep: Sweep, url: str, limit: int | None) -> Claim:
-    """Under the lock: recover dead trials, then take the next cell."""
+    """Under the lock: recover dead trials, then take the next cell, an interrupted trial's
+    first: it continues from its checkpoint (ablations/resume.py)."""
     with claim_lock(url, study.study_name):
         fail_stale(study)
         trials = study.get_trials(deepcopy=False)
@@ -73,8 +75,15 @@ def claim(study: optuna.Study, sweep: Sweep, url: str, limit: int | None) -> Cla
             open_cells = [e for e in cells if e.state == "left"]
             if not open_cells:
                 return Claim(others_running=any(e.state == Outcome.RUNNING for e in cells))
-            cell = open_cells[0].cell
-            study.enqueue_trial(cell, user_attrs={"cell": cell_id(cell)}, skip_if_exists=False)
+            # a cell whose newest trial was interrupted with a checkpoint first
+            entry, prev = open_cells[0], None
+            for e in open_cells:
+                newest = max(e.trials, key=lambda t: t.number, default=None)
+                if newest is not None and (prev := predecessor([newest], trials)) is not None:
+                    entry = e
+                    break
+            attrs = {"cell": cell_id(entry.cell), **(successor_attrs(prev) if prev else {})}
+            study.enqueue_trial(entry.cell, user_attrs=attrs, skip_if_exists=False)
             trial = study.ask()
         else:
             if failure_streak(trials, retry_from(study)) is not None:
@@ -82,6 +91,9 @@ def claim(study: optuna.Study, sweep: Sweep, url: str, limit: int | None) -> Cla
             states = [trial_state(t) for t in trials]
             if sum(s.done or s == Outcome.RUNNING for s in states) >= sweep.run_cap:
                 return Claim(others_running=Outcome.RUNNING in states)
+            prev = predecessor(trials, trials)
+            if prev is not None:  # the same parameters, continued
+                study.enqueue_trial(prev.params, user_attrs=successor_attrs(prev))
             trial = study.ask()
         for key, value in owner_stamp().items():
             trial.set_user_attr(key, value)
@@ -135,6 +147,7 @@ def _work(args: argparse.Namespace, status: StatusFile) -> tuple[Exit, str | Non
     try:
         sweep = load(args.file)
         study = open_study(sweep, args.storage, args.study, create=False, worker=args.worker)
+        policy = CheckpointPolicy.of(study)
         while True:
             if process.launcher_gone():
                 # no parent-death signal came (not Linux, or the launcher died before
@@ -157,12 +170,14 @@ def _work(args: argparse.Namespace, status: StatusFile) -> tuple[Exit, str | Non
                 status=status,
                 devices=args.devices_per_trial,
                 ddp_port=args.ddp_port,
+                policy=policy,
             )
     except (KeyboardInterrupt, SystemExit):
         # another worker of the same sweep may run the cell again before any re-run does
         status.write(state=Outcome.INTERRUPTED)
         return Exit.INTERRUPTED, "interrupted; its trial is not a failed attempt and is run again"
-    except SweepError as err:
+    except (SweepError, ResumeError) as err:
+        status.write(state="bad input")
         return Exit.BAD_INPUT, str(err)
     except Exception as err:
         if not is_storage_error(err):
