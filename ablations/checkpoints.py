@@ -121,9 +121,11 @@ class EpochCheckpoints(Callback):
     def on_load_checkpoint(self, trainer, pl_module, checkpoint: dict[str, Any]) -> None:
         self._restore = checkpoint.get("allconv", {}).get("rng")
 
-    def on_train_epoch_start(self, trainer, pl_module) -> None:
-        # after everything the fit's start draws (RankSeeds included): the streams as they
-        # were when the checkpoint's epoch ended
+    def on_fit_start(self, trainer, pl_module) -> None:
+        # the modules and callbacks are restored by now, and nothing before the first batch
+        # draws from these streams (the loader has its own, RankSeeds leaves a resumed fit
+        # alone); a fit with no epoch left goes straight to the test pass, whose dropout
+        # draws from them too
         if self._restore is not None:
             if trainer.global_rank < len(self._restore):
                 set_rng_state(self._restore[trainer.global_rank])

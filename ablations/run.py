@@ -278,7 +278,7 @@ class RankSeeds(Callback):
         self.seed = seed
 
     def on_train_start(self, trainer, pl_module) -> None:
-        if trainer.global_rank > 0:
+        if trainer.global_rank > 0 and trainer.ckpt_path is None:  # resumed: restored
             torch.manual_seed(zlib.crc32(f"{self.seed}/rank{trainer.global_rank}".encode()))
 
 

@@ -1,0 +1,177 @@
+"""A trial interrupted anywhere continues from its last epoch checkpoint and ends with the
+numbers it would have had uninterrupted: the same weights, bit for bit, and the same errors.
+Through real processes and signals: a killed worker, a taken-over lease, a stopped sweep."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+from lightning.pytorch.callbacks import Callback
+
+from ablations import checkpoints, run, worker
+from ablations.record import TrialRecord
+from ablations.resume import LAST, CheckpointPolicy, ResumeError, epoch_checkpoints
+from ablations.settings import resolve
+from ablations.study import trial_state
+from tests.helpers import FAST, load, sweep_cli, wait_until, write_sweep
+
+# dropout on (All-CNN-C's paper dropout), so the restored random stream is what is tested
+SETTINGS = {
+    "data.dataset": "synthetic",
+    "data.subset": 256,
+    "data.val_size": 64,
+    "data.preprocess": "standardize",
+    "model.width": 0.125,
+    "model.variant": "all-cnn",
+    "model.dropout": "paper",
+    "model.norm": "batch",  # so that it learns at this size (tests/test_training.py)
+    "train.epochs": 3,
+}
+
+
+class Interrupt(Exception):
+    pass
+
+
+class InterruptAt(Callback):
+    """Raises at one moment of the fit or test, as a signal or a dead machine would end it."""
+
+    def __init__(self, hook: str, epoch: int) -> None:
+        self.hook, self.epoch = hook, epoch
+
+    def _at(self, hook: str, trainer) -> None:
+        if hook == self.hook and (trainer.current_epoch == self.epoch or hook == "test"):
+            raise Interrupt(hook)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if batch_idx == 1:
+            self._at("mid-epoch", trainer)
+
+    def on_train_epoch_start(self, trainer, pl_module) -> None:
+        self._at("between epochs", trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        if trainer.state.fn == "fit":
+            self._at("validation", trainer)
+
+    def on_test_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self._at("test", trainer)
+
+
+def weights(run_dir: Path) -> dict[str, torch.Tensor]:
+    return torch.load(run_dir / "checkpoints" / LAST, weights_only=True)["state_dict"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    path = tmp_path_factory.mktemp("ref") / "run"
+    torch.set_num_threads(1)
+    return run.train(resolve(SETTINGS), path, progress=False), weights(path)
+
+
+def interrupted_then_resumed(path: Path, hook: str, epoch: int) -> TrialRecord:
+    settings = resolve(SETTINGS)
+    with pytest.raises(Interrupt):
+        run.train(settings, path, progress=False, callbacks=[InterruptAt(hook, epoch)])
+    prepared = run.prepare(settings)
+    found = checkpoints.find(path, prepared.flat, prepared.module)
+    assert found is not None
+    return run.train(settings, path, progress=False, prepared=prepared, resume=found)
+
+
+@pytest.mark.parametrize(
+    "hook,epoch,resumed_from",
+    [("mid-epoch", 1, 1), ("between epochs", 2, 2), ("validation", 2, 2), ("test", 0, 3)],
+)
+def test_a_resumed_run_ends_with_the_same_weights_and_errors(
+    tmp_path, uninterrupted, hook, epoch, resumed_from
+):
+    ref, ref_weights = uninterrupted
+    torch.set_num_threads(1)
+    got = interrupted_then_resumed(tmp_path / "run", hook, epoch)
+    assert got.outcome == "complete"
+    assert got.timings.segments == 2 and got.timings.resumed_from_epoch == resumed_from
+    assert got.metrics.epochs_run == 3 and len(got.history) == 3
+    for key in ("val_error", "test_error", "test_error_dropout", "train_loss", "best_val_error"):
+        assert getattr(got.metrics, key) == getattr(ref.metrics, key), key
+    w = weights(tmp_path / "run")
+    assert w.keys() == ref_weights.keys()
+    assert all(torch.equal(w[k], ref_weights[k]) for k in w), "weights differ"
+    # a completed trial keeps its last checkpoint only
+    assert sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir()) == [LAST]
+
+
+def test_without_the_random_streams_the_resumed_run_differs(tmp_path, uninterrupted, monkeypatch):
+    """The comparison above can fail: dropout draws differ when the streams are not restored."""
+    _, ref_weights = uninterrupted
+    torch.set_num_threads(1)
+    monkeypatch.setattr(checkpoints, "set_rng_state", lambda state: None)
+    interrupted_then_resumed(tmp_path / "run", "mid-epoch", 1)
+    w = weights(tmp_path / "run")
+    assert not all(torch.equal(w[k], ref_weights[k]) for k in w)
+
+
+@pytest.fixture
+def stopped_run(tmp_path):
+    """A run stopped in its third epoch: epoch 1 and 2 checkpoints."""
+    settings = resolve(SETTINGS)
+    path = tmp_path / "run"
+    with pytest.raises(Interrupt):
+        run.train(settings, path, progress=False, callbacks=[InterruptAt("mid-epoch", 2)])
+    assert [p.name for p in epoch_checkpoints(path / "checkpoints")] == [
+        "epoch-0002.ckpt",
+        "epoch-0001.ckpt",
+    ]
+    return settings, path
+
+
+def test_a_torn_checkpoint_falls_back_to_the_one_before_then_to_epoch_0(stopped_run, capsys):
+    settings, path = stopped_run
+    prepared = run.prepare(settings)
+    newest, older = epoch_checkpoints(path / "checkpoints")
+    newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])  # torn mid-write
+    found = checkpoints.find(path, prepared.flat, prepared.module)
+    assert found is not None and found.path == older and found.epoch == 1
+    assert (
+        capsys.readouterr().err.strip()
+        == f"{newest}: unreadable (RuntimeError), trying the one before"
+    )
+    older.write_bytes(b"")
+    assert checkpoints.find(path, prepared.flat, prepared.module) is None
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == f"{path}: no checkpoint reads; the trial starts again from epoch 0"
+
+
+def test_a_checkpoint_of_another_cell_or_network_is_refused(stopped_run):
+    settings, path = stopped_run
+    before = {p: p.read_bytes() for p in epoch_checkpoints(path / "checkpoints")}
+    other = run.prepare(resolve({**SETTINGS, "train.lr": 0.5}))
+    with pytest.raises(ResumeError, match=r"is of another cell \(train.lr: 0.01 there, 0.5 here\)"):
+        checkpoints.find(path, other.flat, other.module)
+    wider = run.prepare(resolve({**SETTINGS, "model.width": 0.25}))
+    flat = {**wider.flat, "model.width": 0.125}  # the same cell, as another code version builds it
+    with pytest.raises(ResumeError, match="does not load into this code's network"):
+        checkpoints.find(path, flat, wider.module)
+    assert before == {p: p.read_bytes() for p in epoch_checkpoints(path / "checkpoints")}
+
+
+def test_the_checkpoint_policy_writes_every_n_epochs_and_always_the_last(tmp_path):
+    settings = resolve({**SETTINGS, "train.epochs": 3})
+    seen = []
+
+    class Watch(Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            seen.append(sorted(p.name for p in (tmp_path / "run" / "checkpoints").glob("*.ckpt")))
+
+    policy = CheckpointPolicy(every_epochs=2, keep_all=True)
+    run.train(settings, tmp_path / "run", progress=False, callbacks=[Watch()], policy=policy)
+    assert seen == [[], [], ["epoch-0002.ckpt"]]
+    names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
+    assert names == ["epoch-0002.ckpt", "epoch-0003.ckpt", LAST]
