@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import secrets
+import string
 import netrc
 import os
 import sys
@@ -103,9 +105,10 @@ def trial_logger(
 
 
 def new_run_id() -> str:
-    import wandb.util
-
-    return wandb.util.generate_id()
+    """A run id as W&B makes them (8 lowercase letters and digits), chosen before the run
+    starts so that the trial keeps it for every segment."""
+    alphabet = string.ascii_lowercase + string.digits
+    return "".join(secrets.choice(alphabet) for _ in range(8))
 
 
 def finish(logger: SafeWandbLogger | None, summary: dict[str, Any]) -> str | None:

@@ -10,17 +10,20 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
+import pandas as pd
 import pytest
 import torch
-import yaml
 from lightning.pytorch.callbacks import Callback
+from optuna.trial import TrialState
 
-from ablations import checkpoints, run, worker
+from ablations import checkpoints, run
 from ablations.record import TrialRecord
 from ablations.resume import LAST, CheckpointPolicy, ResumeError, epoch_checkpoints
 from ablations.settings import resolve
+from ablations.storage import default_url, open_storage
 from ablations.study import trial_state
-from tests.helpers import FAST, load, sweep_cli, wait_until, write_sweep
+from tests.helpers import FAST, sweep_cli, wait_until, write_sweep
 
 # dropout on (All-CNN-C's paper dropout), so the restored random stream is what is tested
 SETTINGS = {
@@ -175,3 +178,92 @@ def test_the_checkpoint_policy_writes_every_n_epochs_and_always_the_last(tmp_pat
     assert seen == [[], [], ["epoch-0002.ckpt"]]
     names = sorted(p.name for p in (tmp_path / "run" / "checkpoints").iterdir())
     assert names == ["epoch-0002.ckpt", "epoch-0003.ckpt", LAST]
+
+
+# --- through the sweep: real workers, real signals ------------------------------------------
+
+SWEEP_CELLS = {
+    **FAST,
+    "data.subset": {"value": 1000},
+    "model.variant": {"value": "all-cnn"},
+    "model.dropout": {"value": "paper"},
+    "model.norm": {"value": "batch"},
+    "train.epochs": {"value": 3},
+}
+
+
+def study_of(name: str, url: str) -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(url))
+
+
+def first_checkpoint(name: str, proc: subprocess.Popen, timeout: float = 120) -> Path:
+    def found():
+        assert proc.poll() is None, proc.communicate()
+        return next(Path(f"runs/{name}/trials").glob("*/checkpoints/epoch-0001.ckpt"), None)
+
+    return wait_until(found, timeout, interval=0.05, what="the first epoch checkpoint")
+
+
+@pytest.mark.parametrize("backend", ["journal", "postgresql"])
+def test_a_killed_worker_s_trial_resumes_with_the_same_numbers_and_one_wandb_run(
+    tmp_path, in_tmp, backend, request
+):
+    """SIGKILL of the worker after its first epoch checkpoint: the same command continues
+    the trial in its own folder from that checkpoint, with its W&B run, and ends with the
+    weights and errors of the same cell run without a stop; status and export count it once."""
+    file = write_sweep(tmp_path / "s.yaml", parameters=SWEEP_CELLS)
+    urls = {"ref": default_url("ref", Path("runs")), "t": default_url("t", Path("runs"))}
+    if backend == "postgresql":
+        server = request.getfixturevalue("postgres")
+        urls = {name: server.create_db(f"resume_{name}") for name in urls}
+
+    def cmd(name: str, wandb: str) -> list[str]:
+        argv = sweep_cli(file, workers=1) + ["--study", name, "--storage", urls[name]]
+        return (
+            argv[: argv.index("--wandb")] + argv[argv.index("--wandb") + 2 :] + ["--wandb", wandb]
+        )
+
+    journal = backend == "journal"  # PostgreSQL: the same path, its numbers compared once
+    if journal:
+        ref = subprocess.run(cmd("ref", "disabled"), capture_output=True, text=True, timeout=600)
+        assert ref.returncode == 0, ref.stderr
+    wandb = "offline" if journal else "disabled"
+    proc = subprocess.Popen(
+        cmd("t", wandb), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    first_checkpoint("t", proc)
+    (running,) = study_of("t", urls["t"]).get_trials(states=(TrialState.RUNNING,))
+    os.kill(running.user_attrs["worker.pid"], signal.SIGKILL)
+    proc.communicate(timeout=120)
+    assert proc.returncode == 1  # a worker died: said
+    again = subprocess.run(cmd("t", wandb), capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stderr
+    assert (
+        "worker 0: trial 1 continues trial 0 from epoch"
+        in Path("runs/t/logs/worker-0.log").read_text()
+    )
+
+    first, resumed = study_of("t", urls["t"]).get_trials()
+    assert trial_state(first) == "interrupted" and trial_state(resumed) == "complete"
+    assert resumed.user_attrs["resumes"] == 0 and resumed.user_attrs["segments"] == 2
+    assert resumed.user_attrs["resumed_from_epoch"] >= 1
+    assert resumed.user_attrs["run_dir"] == first.user_attrs["run_dir"]
+    if journal:
+        (done,) = study_of("ref", urls["ref"]).get_trials()
+        for key in ("val/error", "test/error", "test/error_dropout", "train/loss", "epochs_run"):
+            assert resumed.user_attrs[key] == done.user_attrs[key], key
+        w, w_ref = (weights(Path(t.user_attrs["run_dir"])) for t in (resumed, done))
+        assert all(torch.equal(w[k], w_ref[k]) for k in w_ref), "weights differ"
+
+    trials = pd.read_csv("runs/t/export/trials.csv")
+    assert list(trials["trial"]) == [1] and list(trials["segments"]) == [2]
+    status = subprocess.run(
+        [sys.executable, "-m", "ablations.cli", "status", "t", "--storage", urls["t"]],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert status.stdout.startswith("t: 1 done, 0 running, 0 failed trials"), status.stdout
+    if wandb == "offline":  # one W&B run, in two offline segments under the trial's folder
+        run_id = resumed.user_attrs["wandb_run_id"]
+        assert first.user_attrs["wandb_run_id"] == run_id
+        segments = sorted(Path(resumed.user_attrs["run_dir"]).glob("wandb/offline-run-*"))
+        assert len(segments) == 2 and all(d.name.endswith(f"-{run_id}") for d in segments)

@@ -39,13 +39,17 @@ def _settings_of(record: TrialRecord, t: optuna.trial.FrozenTrial, sweep: Sweep)
 
 
 def trials_frame(study: optuna.Study, sweep: Sweep | None = None) -> pd.DataFrame:
-    """Every trial of the study as one tidy row, failed, pruned and running ones included."""
+    """Every trial of the study as one tidy row, failed, pruned and running ones included. A
+    trial continued by another after an interrupt is a segment of that one (its record
+    counts the `segments`), not a row of its own."""
     sweep = sweep or stored_sweep(study)
     setting_keys = [k for k in SCHEMA if k != "seed"]
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    trials = study.get_trials(deepcopy=False)
+    continued = {t.user_attrs.get("resumes") for t in trials} - {None}
+    for t in trials:
         record = TrialRecord.of(t)
-        if record.outcome == Outcome.WAITING:
+        if record.outcome == Outcome.WAITING or t.number in continued:
             continue
         s = _settings_of(record, t, sweep)
         row: dict[str, Any] = {
