@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import secrets
-import string
 import netrc
 import os
+import secrets
+import string
 import sys
 from collections.abc import Iterator
 from pathlib import Path

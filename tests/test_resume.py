@@ -267,3 +267,56 @@ def test_a_killed_worker_s_trial_resumes_with_the_same_numbers_and_one_wandb_run
         assert first.user_attrs["wandb_run_id"] == run_id
         segments = sorted(Path(resumed.user_attrs["run_dir"]).glob("wandb/offline-run-*"))
         assert len(segments) == 2 and all(d.name.endswith(f"-{run_id}") for d in segments)
+
+
+def test_a_worker_whose_trial_was_taken_over_records_nothing_and_carries_on(tmp_path, in_tmp):
+    """Two machines share a study. The first one's worker stops answering (SIGSTOP: its
+    heartbeat ages past the grace period); the second presumes it dead and continues its
+    trial from the checkpoint. Woken, the first sees the folder is no longer its own: it
+    says so in one line, records nothing, and ends with the study."""
+    file = write_sweep(
+        tmp_path / "s.yaml", parameters={**SWEEP_CELLS, "train.epochs": {"value": 4}}
+    )
+    env = {**os.environ, "ALLCONV_GRACE_S": "4", "ALLCONV_HEARTBEAT_S": "1"}
+    cmd = sweep_cli(file, workers=1)
+    first = subprocess.Popen(
+        cmd,
+        env={**env, "ALLCONV_HOST": "node-a"},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    first_checkpoint("t", first)
+    url = default_url("t", Path("runs"))
+    (trial,) = study_of("t", url).get_trials(states=(TrialState.RUNNING,))
+    pid = trial.user_attrs["worker.pid"]
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        second = subprocess.Popen(
+            cmd,
+            env={**env, "ALLCONV_HOST": "node-b"},
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+
+        def continued():
+            trials = study_of("t", url).get_trials(states=(TrialState.RUNNING,))
+            return [t for t in trials if t.user_attrs.get("resumes") == 0]
+
+        wait_until(continued, 120, interval=0.5, what="the second machine to continue the trial")
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    out_b, err_b = second.communicate(timeout=300)
+    out_a, err_a = first.communicate(timeout=300)
+    assert second.returncode == 0, err_b
+    assert first.returncode == 0, err_a
+    log = Path("runs/t/logs/worker-0.log").read_text()  # both launchers' worker 0 share it
+    said = [line for line in log.splitlines() if "was taken over" in line]
+    assert len(said) == 1 and said[0].startswith(
+        "worker 0: trial 0 was taken over by another worker"
+    )
+    trials = study_of("t", url).get_trials()
+    assert [trial_state(t) for t in trials] == ["interrupted", "complete"]
+    assert "val/error" not in trials[0].user_attrs  # the first recorded nothing
+    assert trials[1].user_attrs["segments"] == 2
