@@ -100,3 +100,135 @@ def postgres():
     server.start()
     yield server
     server.cleanup()
+
+
+# --- a one-node SLURM cluster ------------------------------------------------------------
+
+from pathlib import Path  # noqa: E402
+
+from ablations.process import free_ports  # noqa: E402
+
+SLURM_BINARIES = ("munged", "mungekey", "slurmctld", "slurmd", "sbatch", "scontrol", "squeue")
+
+
+class SlurmCluster:
+    """munged, slurmctld and slurmd of Debian's slurm-wlm, on free ports, in a temporary
+    folder, with this machine as its one node (process tracking by /proc, no task plugin, so
+    it needs no cgroups). Commands reach it with `env` (SLURM_CONF)."""
+
+    def __init__(self) -> None:
+        import socket
+
+        self.dir = Path(tempfile.mkdtemp(prefix="slurm-"))
+        self.node = socket.gethostname()
+        self.procs: list[subprocess.Popen] = []
+        d = self.dir
+        (d / "state").mkdir()
+        (d / "spool").mkdir()
+        ctld, slurmd = free_ports(2)
+        self.conf = d / "slurm.conf"
+        self.conf.write_text(
+            "\n".join(
+                [
+                    "ClusterName=allconv",
+                    f"SlurmctldHost={self.node}(127.0.0.1)",
+                    "SlurmUser=root",
+                    "SlurmdUser=root",
+                    f"SlurmctldPort={ctld}",
+                    f"SlurmdPort={slurmd}",
+                    "AuthType=auth/munge",
+                    "CredType=cred/munge",
+                    f"AuthInfo=socket={d / 'munge.socket'}",
+                    f"StateSaveLocation={d / 'state'}",
+                    f"SlurmdSpoolDir={d / 'spool'}",
+                    f"SlurmctldPidFile={d / 'slurmctld.pid'}",
+                    f"SlurmdPidFile={d / 'slurmd.pid'}",
+                    f"SlurmctldLogFile={d / 'slurmctld.log'}",
+                    f"SlurmdLogFile={d / 'slurmd.log'}",
+                    "ProctrackType=proctrack/linuxproc",
+                    "TaskPlugin=task/none",
+                    "SchedulerType=sched/backfill",
+                    "SelectType=select/cons_tres",
+                    "SelectTypeParameters=CR_Core",
+                    "ReturnToService=2",
+                    "MpiDefault=none",
+                    "JobAcctGatherType=jobacct_gather/none",
+                    "AccountingStorageType=accounting_storage/none",
+                    "KillWait=10",
+                    "MinJobAge=600",
+                    f"NodeName={self.node} NodeAddr=127.0.0.1 CPUs={os.cpu_count()} "
+                    "RealMemory=1000 State=UNKNOWN",
+                    "PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP",
+                    "",
+                ]
+            )
+        )
+        self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
+
+    def start(self) -> None:
+        d = self.dir
+        key = d / "munge.key"
+        subprocess.run(["mungekey", "-c", "-k", str(key)], check=True, capture_output=True)
+        key.chmod(0o400)
+        munge = [
+            "munged", "-F", "-f", f"--socket={d / 'munge.socket'}", f"--key-file={key}",
+            f"--pid-file={d / 'munged.pid'}", f"--log-file={d / 'munged.log'}",
+            f"--seed-file={d / 'munged.seed'}",
+        ]  # fmt: skip
+        self._daemon(munge, "munged")
+        wait_for(lambda: (d / "munge.socket").exists(), 20, "munged's socket")
+        self._daemon(["slurmctld", "-D", "-c", "-f", str(self.conf)], "slurmctld")
+        self._daemon(["slurmd", "-D", "-N", self.node, "-f", str(self.conf)], "slurmd")
+
+        def idle() -> bool:
+            out = subprocess.run(
+                ["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True
+            )
+            return out.stdout.strip() == "idle"
+
+        wait_for(idle, 60, f"the SLURM node to be idle (logs in {d})")
+
+    def _daemon(self, argv: list[str], name: str) -> None:
+        with open(self.dir / f"{name}.out", "w") as log:  # the daemon keeps its own copy
+            self.procs.append(subprocess.Popen(argv, stdout=log, stderr=log, env=self.env))
+
+    def scontrol(self, *args: str) -> str:
+        out = subprocess.run(["scontrol", *args], env=self.env, capture_output=True, text=True)
+        return out.stdout
+
+    def cleanup(self) -> None:
+        subprocess.run(["scancel", "--full", "-u", "root"], env=self.env, capture_output=True)
+        for proc in reversed(self.procs):
+            proc.terminate()
+            try:
+                proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+def wait_for(predicate, timeout: float, what: str) -> None:
+    import time
+
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"timed out waiting for {what}")
+        time.sleep(0.2)
+
+
+@pytest.fixture(scope="session")
+def slurm():
+    missing = [b for b in SLURM_BINARIES if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"SLURM absent ({', '.join(missing)}): apt-get install slurm-wlm munge")
+    if os.geteuid() != 0:
+        pytest.skip("a SLURM cluster of its own needs root here (slurmd runs jobs as their user)")
+    cluster = SlurmCluster()
+    try:
+        cluster.start()
+    except Exception:
+        cluster.cleanup()
+        raise
+    yield cluster
+    cluster.cleanup()

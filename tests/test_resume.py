@@ -320,3 +320,51 @@ def test_a_worker_whose_trial_was_taken_over_records_nothing_and_carries_on(tmp_
     assert [trial_state(t) for t in trials] == ["interrupted", "complete"]
     assert "val/error" not in trials[0].user_attrs  # the first recorded nothing
     assert trials[1].user_attrs["segments"] == 2
+
+
+# --- a real SLURM time limit ----------------------------------------------------------------
+
+SBATCH = Path(__file__).resolve().parents[1] / "sweeps" / "slurm" / "sweep.sbatch"
+
+
+def test_a_slurm_time_limit_requeues_the_task_and_its_trial_resumes(tmp_path, in_tmp, slurm):
+    """sweeps/slurm/sweep.sbatch as a job array with a one-minute limit: SLURM warns the
+    task (--signal), the sweep stops with its trial checkpointed, the task requeues itself,
+    and the requeued task continues the trial; the study ends with its cell complete once."""
+    # 30 s of training or more: the warning comes 20 to 30 s into each one-minute task
+    cell = {**SWEEP_CELLS, "train.epochs": {"value": 30}}
+    file = write_sweep(tmp_path / "s.yaml", parameters=cell)
+    Path("runs/slurm").mkdir(parents=True)
+    url = default_url("t", Path("runs"))
+    env = {
+        **slurm.env,
+        "ABLATE_STORAGE": url,
+        "ABLATE_DEVICES": "cpu",
+        "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+    }
+    submit = [
+        "sbatch", "--parsable", "--array=0-0", "--time=1", "--signal=B:USR1@40",
+        "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}", str(SBATCH), str(file),
+        "--workers", "1", "--wandb", "disabled",
+    ]  # fmt: skip
+    job = subprocess.run(submit, env=env, capture_output=True, text=True, check=True)
+    task = f"{job.stdout.strip()}_0"
+
+    def finished() -> str | None:
+        shown = slurm.scontrol("show", "job", task)
+        if "Reason=BeginTime" in shown:  # SLURM holds a requeued job for two minutes
+            slurm.scontrol("update", f"JobId={task}", "StartTime=now")
+        state = next((w.split("=")[1] for w in shown.split() if w.startswith("JobState=")), None)
+        return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
+
+    state = wait_until(finished, 600, interval=1, what=f"SLURM job {task} to end")
+    log = "".join(p.read_text() for p in Path("runs/slurm").glob("*.out"))
+    assert state == "COMPLETED", log
+    assert "time limit near" in log and "restart 1" in log, log
+    trials = study_of("t", url).get_trials()
+    states = [trial_state(t) for t in trials]
+    assert states.count("complete") == 1 and set(states) == {"interrupted", "complete"}, states
+    done = trials[-1]
+    assert trial_state(done) == "complete" and done.user_attrs["segments"] >= 2
+    assert done.user_attrs["epochs_run"] == 40
+    assert {t.user_attrs["run_dir"] for t in trials} == {done.user_attrs["run_dir"]}
