@@ -83,7 +83,11 @@ def launch(args: argparse.Namespace) -> int:
         )
     policy = _policy(args)
     if args.dry_run:
-        dry_run(sweep, study_name, describe_url(url), skipped)
+        plan = worker_plan(groups, args.workers, args.trials_per_device, k, usable_cpus())
+        dry_run(
+            sweep, study_name, describe_url(url), skipped, workers=len(plan),
+            threads=plan[0][1], use_cuda=bool(groups), study=_existing(sweep, url, study_name),
+        )  # fmt: skip
         return Exit.OK
     _, invalid = sweep.cells() if sweep.method == "grid" else ([], [])
     invalid = [*invalid, *skipped]
@@ -271,6 +275,14 @@ def _closing_table(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path)
         export.log_to_wandb(study, sweep, mode, runs_dir)
     except Exception as err:  # the sweep's results are in the study whatever happens here
         print(f"closing export/W&B table failed: {err}", file=sys.stderr)
+
+
+def _existing(sweep: Sweep, url: str, name: str) -> optuna.Study | None:
+    """The study a dry run estimates what is left of, if it has run; never created."""
+    try:
+        return open_study(sweep, url, name, create=False)
+    except (SweepError, OSError, KeyError):
+        return None
 
 
 def _policy(args: argparse.Namespace) -> CheckpointPolicy | None:

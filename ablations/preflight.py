@@ -142,7 +142,18 @@ def preflight(
     return skipped
 
 
-def dry_run(sweep: Sweep, study_name: str, url: str, skipped: list | None = None) -> None:
+def dry_run(
+    sweep: Sweep,
+    study_name: str,
+    url: str,
+    skipped: list | None = None,
+    *,
+    workers: int = 1,
+    threads: int = 1,
+    use_cuda: bool = False,
+    study: Any = None,
+) -> None:
+    """The cells and their cost: what `--dry-run` prints (ablations/estimate.py)."""
     from rich.console import Console
     from rich.table import Table
 
@@ -152,6 +163,11 @@ def dry_run(sweep: Sweep, study_name: str, url: str, skipped: list | None = None
             f"{study_name}: {sweep.method} search, run_cap {sweep.run_cap} trials, "
             f"up to {sweep.epochs({})} epochs each, storage {url}"
         )
+        _print_estimate(
+            sweep, [{}] * (sweep.run_cap or 1), workers=workers, threads=threads,
+            use_cuda=use_cuda, study=None,
+            note="parameters are drawn as the sweep runs: estimated from its base settings",
+        )  # fmt: skip
         return
     valid, invalid = sweep.cells()
     bad = {cell_id(c) for c, _ in skipped or []}
@@ -174,6 +190,20 @@ def dry_run(sweep: Sweep, study_name: str, url: str, skipped: list | None = None
     for cell, why in invalid:
         print(f"skipped invalid cell {cell_id(cell)}: {why}")
     print(f"{len(valid)} cells to run, {len(invalid)} invalid skipped, {epochs} epochs in all")
+    _print_estimate(sweep, valid, workers=workers, threads=threads, use_cuda=use_cuda, study=study)
+
+
+def _print_estimate(sweep: Sweep, cells: list, *, note: str | None = None, **kw: Any) -> None:
+    from ablations.estimate import estimate
+
+    try:
+        lines = estimate(sweep, cells, **kw)
+    except (SettingsError, OSError, ValueError) as err:
+        print(f"no cost estimate: {type(err).__name__}: {err}")
+        return
+    if note:
+        lines.insert(1, f"  ({note})")
+    print("\n".join(lines))
 
 
 def worker_plan(

@@ -38,7 +38,7 @@ CHECKPOINTS = "checkpoints"
 LAST = "last.ckpt"
 KEEP = 2  # a torn newest checkpoint falls back to the one before
 POLICY_ATTR = "checkpoint.policy"
-_EPOCH_FILE = re.compile(r"epoch-(\d+)\.ckpt$")
+EPOCH_FILE = re.compile(r"epoch-(\d+)\.ckpt$")
 
 
 class ResumeError(SettingsError):
@@ -104,7 +104,7 @@ def epoch_checkpoints(folder: Path) -> list[Path]:
     found = [
         (int(m.group(1)), p)
         for p in folder.glob("epoch-*.ckpt")
-        if (m := _EPOCH_FILE.search(p.name))
+        if (m := EPOCH_FILE.search(p.name))
     ]
     return [p for _, p in sorted(found, reverse=True)]
 

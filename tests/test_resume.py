@@ -368,3 +368,60 @@ def test_a_slurm_time_limit_requeues_the_task_and_its_trial_resumes(tmp_path, in
     assert trial_state(done) == "complete" and done.user_attrs["segments"] >= 2
     assert done.user_attrs["epochs_run"] == 40
     assert {t.user_attrs["run_dir"] for t in trials} == {done.user_attrs["run_dir"]}
+
+
+# --- the bill before the sweep ----------------------------------------------------------------
+
+
+def test_dry_run_prints_the_estimated_training_time_per_model_and_writes_nothing(
+    tmp_path, in_tmp, capsys
+):
+    from ablations.cli import main
+
+    file = write_sweep(tmp_path / "s.yaml", parameters={**FAST, "train.epochs": {"value": 3}})
+    assert main(["sweep", str(file), "--dry-run", "--workers", "2"]) == 0
+    out = capsys.readouterr().out
+    assert "estimated training time here (cpu: " in out
+    rows = {
+        line.split()[0]: line.split()
+        for line in out.splitlines()
+        if line.startswith("  Model") or line.startswith("  All")
+    }
+    assert set(rows) == {"Model", "All-CNN-C"}, out
+    assert "total: 2 cells, 6 epochs," in out and "with 2 worker(s)" in out
+    assert not Path("runs").exists()
+
+
+def test_the_estimate_of_a_resumed_study_counts_what_its_checkpoints_hold(tmp_path, in_tmp):
+    from ablations import estimate
+    from ablations.storage import fail_trial
+    from ablations.study import open_study
+    from ablations.sweep_file import cell_id, load
+
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={**FAST, "train.epochs": {"value": 10}, "seed": {"values": [0, 1, 2]},
+                    "model.variant": {"value": "all-cnn"}},
+    )  # fmt: skip
+    sweep = load(file)
+    study = open_study(sweep, default_url("t", Path("runs")), "t", create=True)
+    cells, _ = sweep.cells()
+    done, stopped, _ = cells
+    for cell, run_dir in ((done, None), (stopped, tmp_path / "stopped")):
+        study.enqueue_trial(cell, user_attrs={"cell": cell_id(cell)})
+        trial = study.ask()
+        if run_dir is None:
+            study.tell(trial, 1.0)
+            continue
+        (run_dir / "checkpoints").mkdir(parents=True)
+        (run_dir / "checkpoints" / "epoch-0004.ckpt").write_bytes(b"")
+        trial.set_user_attr("run_dir", str(run_dir))
+        fail_trial(study, trial, "interrupted by a signal", interrupted=True)
+    cost = estimate.ModelCost("All-CNN-C", 1.0, 0.0, train_batches=6, eval_images=0, device="cpu")
+    lines = estimate.estimate(
+        sweep, cells, workers=2, threads=1, use_cuda=False, study=study,
+        timer=lambda *a: cost,
+    )  # fmt: skip
+    assert lines[-2] == "total: 3 cells, 30 epochs, 3 min of training; about 90 s with 2 worker(s)"
+    # 0 epochs of the done cell, 10 - 4 of the stopped one, 10 of the last
+    assert lines[-1].startswith("left in study t: 16 epochs (1 cells done,")
