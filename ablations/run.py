@@ -331,8 +331,10 @@ def make_trainer(
         # re-run would claim trials of its own. Spawned ranks get rank 0's pickled module, so
         # all ranks train the same settings; only this process talks to Optuna and W&B.
         strategy=strategy if devices == 1 or strategy != "auto" else SpawnedDDP(ddp_port),
-        # one experiment at any K: the ranks' batch norm sees the global batch, as one device
-        sync_batchnorm=devices != 1,
+        # one experiment at any K: the ranks' batch norm sees the global batch, as one device;
+        # torch's SyncBatchNorm is CUDA only, so CPU ranks (tests, stand-ins) normalise their
+        # own share
+        sync_batchnorm=devices != 1 and use_cuda,
         precision=lightning_precision(precision),
         # Lightning's own CSV log, one folder per segment of a resumed trial (a resumed
         # CSVLogger would delete the log it finds)

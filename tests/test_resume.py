@@ -4,6 +4,7 @@ Through real processes and signals: a killed worker, a taken-over lease, a stopp
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -425,3 +426,53 @@ def test_the_estimate_of_a_resumed_study_counts_what_its_checkpoints_hold(tmp_pa
     assert lines[-2] == "total: 3 cells, 30 epochs, 3 min of training; about 90 s with 2 worker(s)"
     # 0 epochs of the done cell, 10 - 4 of the stopped one, 10 of the last
     assert lines[-1].startswith("left in study t: 16 epochs (1 cells done,")
+
+
+# --- under DDP -------------------------------------------------------------------------------
+
+RUN_DDP = """
+import json, sys
+from pathlib import Path
+import torch
+from ablations import checkpoints, run
+from ablations.settings import resolve
+from tests.test_resume import SETTINGS, InterruptAt, weights
+root = Path(sys.argv[1])
+settings = resolve(SETTINGS)
+ref = run.train(settings, root / "ref", devices=2, progress=False)
+try:
+    run.train(settings, root / "run", devices=2, progress=False,
+              callbacks=[InterruptAt("mid-epoch", 1)])
+except Exception as err:
+    print("interrupted:", type(err).__name__, file=sys.stderr)
+else:
+    raise SystemExit("the fit was not interrupted")
+prepared = run.prepare(settings)
+found = checkpoints.find(root / "run", prepared.flat, prepared.module)
+got = run.train(settings, root / "run", devices=2, progress=False, prepared=prepared,
+                resume=found)
+a, b = weights(root / "ref"), weights(root / "run")
+print(json.dumps({
+    "same_weights": all(torch.equal(a[k], b[k]) for k in a),
+    "errors": [[r.metrics.val_error, r.metrics.test_error, r.metrics.test_error_dropout]
+               for r in (ref, got)],
+    "segments": got.timings.segments, "from": got.timings.resumed_from_epoch,
+    "world_size": got.provenance.world_size,
+}))
+"""
+
+
+@pytest.mark.slow
+def test_a_ddp_trial_resumes_with_every_rank_s_streams_to_the_same_weights(tmp_path):
+    """Two CPU ranks (gloo), stopped in their second epoch: the checkpoint carries both
+    ranks' random streams, and the resumed fit ends with the weights and errors of the
+    uninterrupted one."""
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(root), "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-c", RUN_DDP, str(tmp_path)]
+    out = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    result = json.loads(out.stdout.strip().splitlines()[-1])
+    assert result["world_size"] == 2 and result["segments"] == 2 and result["from"] == 1, result
+    assert result["errors"][0] == result["errors"][1], result
+    assert result["same_weights"], result
