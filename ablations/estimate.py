@@ -201,7 +201,7 @@ def estimate(
         left_total += line.cost.epoch_s * line.left_epochs
         out.append(
             f"  {line.name:<{width}}  {line.cells:>5}  {line.epochs:>6}  "
-            f"{hours(line.cost.epoch_s):>9}  {hours(seconds):>8}"
+            f"{line.cost.epoch_s:>7.0f} s  {hours(seconds):>8}"
         )
     n = len(cells)
     par = min(workers, n)
