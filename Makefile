@@ -26,14 +26,16 @@ data:
 # closing export) while the other waits. `pytest` alone runs them one at a time. The slowest
 # are listed.
 # What the tests start for real (PostgreSQL; pdflatex with booktabs for the LaTeX export;
-# Fashion-MNIST): installed from Debian as root; otherwise the tests that need them skip
-# and say why.
+# Fashion-MNIST; a one-node SLURM cluster with munge): installed from Debian as root;
+# otherwise the tests that need them skip and say why.
 test-deps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  need=""; \
 	  [ -f $(FASHION)/train-images-idx3-ubyte.gz ] || need="$$need dataset-fashion-mnist"; \
 	  ls /usr/lib/postgresql/*/bin/initdb >/dev/null 2>&1 || need="$$need postgresql"; \
 	  command -v pdflatex >/dev/null || need="$$need texlive-latex-base texlive-latex-recommended"; \
+	  command -v slurmctld >/dev/null || need="$$need slurm-wlm"; \
+	  command -v munged >/dev/null || need="$$need munge"; \
 	  if [ -n "$$need" ]; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      --no-install-recommends $$need) >/dev/null; \

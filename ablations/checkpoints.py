@@ -176,6 +176,31 @@ def find(run_dir: Path, flat: dict[str, Any], module: torch.nn.Module) -> Resume
     return None
 
 
+def check_folder(run_dir: Path, flat: dict[str, Any]) -> None:
+    """What `find` refuses, checked without the data (the launcher, before any worker
+    starts): the newest readable checkpoint against the trial's recorded settings, and its
+    network against this code's build of the network it describes."""
+    from lightning_modules.module import AllConvModule
+
+    for path in candidates(run_dir):
+        try:
+            ckpt = torch.load(path, map_location="cpu", weights_only=True)
+            saved, state_dict = ckpt["allconv"], ckpt["state_dict"]
+            hparams = ckpt["hyper_parameters"]
+        except Exception:
+            continue  # find says so, and falls back
+        try:
+            expected = AllConvModule(**hparams).state_dict()
+        except Exception as err:
+            raise ResumeError(
+                f"{path} does not load into this code's network ({type(err).__name__}: "
+                f"{err}): it was written by another version; run that version to resume it, "
+                "or move the run folder away"
+            ) from None
+        check(path, saved["cell"], cell_settings(flat), state_dict, expected)
+        return
+
+
 def check(
     path: Path,
     saved: dict[str, Any],

@@ -31,7 +31,7 @@ from ablations.process import (
     stops_wait,
     worker_env,
 )
-from ablations.resume import CheckpointPolicy
+from ablations.resume import CheckpointPolicy, predecessor
 from ablations.settings import SettingsError
 from ablations.storage import default_url, describe_url
 from ablations.study import (
@@ -91,7 +91,8 @@ def launch(args: argparse.Namespace) -> int:
         return Exit.OK
     _, invalid = sweep.cells() if sweep.method == "grid" else ([], [])
     invalid = [*invalid, *skipped]
-    study = open_study(sweep, url, study_name, create=True)
+    study = open_study(sweep, url, study_name, create=True)  # an existing one: nothing written
+    check_resumable(study)  # before this run writes anything
     study.set_user_attr("sweep.run_cap", sweep.run_cap)
     if policy is not None:  # recorded with the study: every worker, and later runs, keep it
         policy.record(study)
@@ -226,6 +227,8 @@ def _close(
         print(f"worker exit codes {codes}; logs in {runs_dir / 'logs'}", file=sys.stderr)
     if final.done > before.done:
         _closing_table(study, sweep, wandb_mode, runs_dir)
+    if any(codes) and all(c in (0, Exit.BAD_INPUT) for c in codes) and not problems:
+        return Exit.BAD_INPUT  # a worker refused its input (e.g. a checkpoint): say it as such
     return Exit.PROBLEMS if any(codes) or problems else Exit.OK
 
 
@@ -277,6 +280,20 @@ def _closing_table(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path)
         print(f"closing export/W&B table failed: {err}", file=sys.stderr)
 
 
+def check_resumable(study: optuna.Study) -> None:
+    """The checkpoints the workers will continue: one of another cell, or of a network this
+    code does not load, stops the sweep here (exit 2) before any worker starts."""
+    trials = study.get_trials(deepcopy=False)
+    waiting = [t for t in trials if predecessor([t], trials) is not None]
+    if not waiting:
+        return
+    from ablations.checkpoints import check_folder  # torch: only for a study with some
+
+    for t in waiting:
+        if t.user_attrs.get("settings"):
+            check_folder(Path(t.user_attrs["run_dir"]), t.user_attrs["settings"])
+
+
 def _existing(sweep: Sweep, url: str, name: str) -> optuna.Study | None:
     """The study a dry run estimates what is left of, if it has run; never created."""
     try:
@@ -292,7 +309,7 @@ def _policy(args: argparse.Namespace) -> CheckpointPolicy | None:
         return None
     try:
         return CheckpointPolicy(
-            every_epochs=args.checkpoint_every or 1,
+            every_epochs=1 if args.checkpoint_every is None else args.checkpoint_every,
             every_minutes=args.checkpoint_minutes,
             keep_all=args.keep_checkpoints,
         )

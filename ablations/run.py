@@ -316,7 +316,7 @@ def make_trainer(
     devices: int | str,
     strategy: str,
     ddp_port: int | None = None,
-    checkpoints: EpochCheckpoints,
+    checkpoints: EpochCheckpoints | None = None,
     resume: Resume | None = None,
 ) -> tuple[L.Trainer, str, bool]:
     """The Trainer for a run; also returns its precision and whether it trains on CUDA."""
@@ -342,7 +342,8 @@ def make_trainer(
         callbacks=[
             recorder,
             *callbacks,
-            checkpoints,  # last: it saves what the callbacks before it recorded of the epoch
+            # last: it saves what the callbacks before it recorded of the epoch
+            *([checkpoints] if checkpoints is not None else []),
         ],
         default_root_dir=run_dir,
         enable_progress_bar=progress,

@@ -106,14 +106,22 @@ def open_study(
                 )
     elif not create:
         raise SweepError(f"no study {study_name!r} in {describe_url(url)}")
-    study = optuna.create_study(
-        study_name=study_name,
-        storage=storage,
-        direction=direction,
-        sampler=sampler_for(sweep, worker),
-        pruner=pruner_for(sweep),
-        load_if_exists=True,
-    )
+    if study_name in existing:  # loaded: create_study would append a duplicate to a journal
+        study = optuna.load_study(
+            study_name=study_name,
+            storage=storage,
+            sampler=sampler_for(sweep, worker),
+            pruner=pruner_for(sweep),
+        )
+    else:
+        study = optuna.create_study(
+            study_name=study_name,
+            storage=storage,
+            direction=direction,
+            sampler=sampler_for(sweep, worker),
+            pruner=pruner_for(sweep),
+            load_if_exists=True,  # another machine may create it at the same moment
+        )
     if study.metric_names is None:  # optuna-dashboard labels the objective with it
         with warnings.catch_warnings():  # experimental in Optuna 5.0, and what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)

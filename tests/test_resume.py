@@ -329,11 +329,13 @@ SBATCH = Path(__file__).resolve().parents[1] / "sweeps" / "slurm" / "sweep.sbatc
 
 
 def test_a_slurm_time_limit_requeues_the_task_and_its_trial_resumes(tmp_path, in_tmp, slurm):
-    """sweeps/slurm/sweep.sbatch as a job array with a one-minute limit: SLURM warns the
-    task (--signal), the sweep stops with its trial checkpointed, the task requeues itself,
-    and the requeued task continues the trial; the study ends with its cell complete once."""
-    # 30 s of training or more: the warning comes 20 to 30 s into each one-minute task
-    cell = {**SWEEP_CELLS, "train.epochs": {"value": 30}}
+    """sweeps/slurm/sweep.sbatch as a job array: once its trial has a checkpoint the task's
+    time limit is brought down to the next minute, SLURM warns the task (--signal) before it,
+    the sweep stops with its trial interrupted, the task requeues itself, and the requeued
+    task (its limit restored) continues the trial; the study ends with its cell complete
+    once. Moving the limit, not a fixed one, makes the warning come mid-trial on a fast or
+    a loaded machine alike."""
+    cell = {**SWEEP_CELLS, "data.subset": {"value": 256}, "train.epochs": {"value": 200}}
     file = write_sweep(tmp_path / "s.yaml", parameters=cell)
     Path("runs/slurm").mkdir(parents=True)
     url = default_url("t", Path("runs"))
@@ -344,30 +346,50 @@ def test_a_slurm_time_limit_requeues_the_task_and_its_trial_resumes(tmp_path, in
         "PATH": f"{Path(sys.executable).parent}:{os.environ['PATH']}",
     }
     submit = [
-        "sbatch", "--parsable", "--array=0-0", "--time=1", "--signal=B:USR1@40",
+        "sbatch", "--parsable", "--array=0-0", "--time=10", "--signal=B:USR1@40",
         "--gpus-per-node=0", f"--cpus-per-task={os.cpu_count()}", str(SBATCH), str(file),
         "--workers", "1", "--wandb", "disabled",
     ]  # fmt: skip
     job = subprocess.run(submit, env=env, capture_output=True, text=True, check=True)
     task = f"{job.stdout.strip()}_0"
 
-    def finished() -> str | None:
-        shown = slurm.scontrol("show", "job", task)
-        if "Reason=BeginTime" in shown:  # SLURM holds a requeued job for two minutes
-            slurm.scontrol("update", f"JobId={task}", "StartTime=now")
-        state = next((w.split("=")[1] for w in shown.split() if w.startswith("JobState=")), None)
-        return state if state in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT") else None
+    def field(name: str) -> str | None:
+        shown = slurm.scontrol("show", "job", task).split()
+        return next((w.split("=", 1)[1] for w in shown if w.startswith(f"{name}=")), None)
 
-    state = wait_until(finished, 600, interval=1, what=f"SLURM job {task} to end")
+    wait_until(
+        lambda: (
+            next(Path("runs/t/trials").glob("*/checkpoints/epoch-0002.ckpt"), None)
+            if Path("runs/t/trials").exists()
+            else None
+        ),
+        300,
+        interval=0.5,
+        what="the trial's second checkpoint",
+    )
+    h, m, sec = (int(x) for x in field("RunTime").split(":"))
+    elapsed = 3600 * h + 60 * m + sec
+    slurm.scontrol("update", f"JobId={task}", f"TimeLimit={(elapsed + 15) // 60 + 1}")
+
+    def requeued() -> bool:
+        return field("Restarts") == "1" and field("JobState") == "PENDING"
+
+    wait_until(requeued, 300, interval=0.5, what="the task to requeue itself")
+    # back to ten minutes, and no two-minute wait (SLURM holds a requeued job that long)
+    slurm.scontrol("update", f"JobId={task}", "TimeLimit=10", "StartTime=now")
+    ended = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
+    state = wait_until(
+        lambda: (s if (s := field("JobState")) in ended else None), 600, interval=1,
+        what=f"SLURM job {task} to end",
+    )  # fmt: skip
     log = "".join(p.read_text() for p in Path("runs/slurm").glob("*.out"))
     assert state == "COMPLETED", log
     assert "time limit near" in log and "restart 1" in log, log
     trials = study_of("t", url).get_trials()
-    states = [trial_state(t) for t in trials]
-    assert states.count("complete") == 1 and set(states) == {"interrupted", "complete"}, states
+    assert [trial_state(t) for t in trials] == ["interrupted", "complete"], log
     done = trials[-1]
-    assert trial_state(done) == "complete" and done.user_attrs["segments"] >= 2
-    assert done.user_attrs["epochs_run"] == 40
+    assert done.user_attrs["segments"] == 2 and done.user_attrs["epochs_run"] == 200
+    assert done.user_attrs["resumes"] == 0
     assert {t.user_attrs["run_dir"] for t in trials} == {done.user_attrs["run_dir"]}
 
 
@@ -476,3 +498,82 @@ def test_a_ddp_trial_resumes_with_every_rank_s_streams_to_the_same_weights(tmp_p
     assert result["world_size"] == 2 and result["segments"] == 2 and result["from"] == 1, result
     assert result["errors"][0] == result["errors"][1], result
     assert result["same_weights"], result
+
+
+# --- bad input: a checkpoint that must not be continued --------------------------------------
+
+
+def _interrupted_study(tmp_path: Path) -> tuple[Path, Path]:
+    """A study whose one trial stopped after its first epoch checkpoint, made in-process."""
+    from ablations.storage import fail_trial
+    from ablations.study import open_study
+    from ablations.sweep_file import cell_id, load
+
+    file = write_sweep(
+        tmp_path / "s.yaml",
+        parameters={**FAST, "train.epochs": {"value": 2}, "model.variant": {"value": "all-cnn"}},
+    )
+    sweep = load(file)
+    study = open_study(sweep, default_url("t", Path("runs")), "t", create=True)
+    (cell,), _ = sweep.cells()
+    study.enqueue_trial(cell, user_attrs={"cell": cell_id(cell)})
+    trial = study.ask()
+    settings = resolve({**sweep.base, **cell})
+    prepared = run.prepare(settings)
+    run_dir = Path("runs/t/trials/0000-All-CNN-C")
+    trial.set_user_attr("settings", dict(prepared.flat))
+    trial.set_user_attr("run_dir", str(run_dir))
+    with pytest.raises(Interrupt):
+        run.train(settings, run_dir, progress=False, prepared=prepared,
+                  callbacks=[InterruptAt("between epochs", 1)])  # fmt: skip
+    fail_trial(study, trial, "interrupted by a signal", interrupted=True)
+    return file, run_dir / "checkpoints" / "epoch-0001.ckpt"
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("cell", "is of another cell (train.lr: 0.5 there, 0.01 here); move its run folder away"),
+        ("network", "does not load into this code's network (unexpected net.extra.weight)"),
+    ],
+)
+def test_a_sweep_refuses_a_checkpoint_it_must_not_continue(
+    tmp_path, in_tmp, capsys, damage, message
+):
+    from ablations.cli import main
+
+    file, ckpt = _interrupted_study(tmp_path)
+    state = torch.load(ckpt, weights_only=True)
+    if damage == "cell":
+        state["allconv"]["cell"]["train.lr"] = 0.5
+    else:  # as a later code version's network, with a layer this one lacks
+        state["state_dict"]["net.extra.weight"] = torch.zeros(3)
+    torch.save(state, ckpt)
+    before = {p: p.read_bytes() for p in [ckpt, Path("runs/t/optuna.journal")]}
+    capsys.readouterr()
+    assert main(["sweep", str(file), "--wandb", "disabled"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("ablate sweep: error: runs/t/trials/"), err
+    assert message in err[0]
+    assert before == {p: p.read_bytes() for p in before}
+    assert not Path("runs/t/workers").exists()  # no worker started
+
+
+def test_the_checkpoint_options_are_recorded_with_the_study_and_kept(tmp_path, in_tmp, capsys):
+    from ablations.cli import main
+    from ablations.resume import CheckpointPolicy
+
+    file = write_sweep(tmp_path / "s.yaml", parameters={**FAST, "train.epochs": {"value": 2}})
+    assert main(["sweep", str(file), "--checkpoint-every", "0"]) == 2
+    assert capsys.readouterr().err.strip() == (
+        "ablate sweep: error: --checkpoint-every 0: give at least 1"
+    )
+    assert not Path("runs").exists()
+    argv = ["sweep", str(file), "--wandb", "disabled"]
+    main([*argv, "--checkpoint-every", "2", "--keep-checkpoints", "--max-trials", "1"])
+    assert main(argv) == 0  # no options: the study's are kept
+    study = optuna.load_study(study_name="t", storage=open_storage(default_url("t", Path("runs"))))
+    assert CheckpointPolicy.of(study) == CheckpointPolicy(every_epochs=2, keep_all=True)
+    for t in study.get_trials():
+        kept = sorted(p.name for p in (Path(t.user_attrs["run_dir"]) / "checkpoints").iterdir())
+        assert kept == ["epoch-0002.ckpt", LAST], kept
