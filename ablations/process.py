@@ -105,7 +105,7 @@ class Exit(IntEnum):
     BAD_INPUT = 2  # the sweep file or a flag is wrong; nothing ran
     STORAGE_LOST = 3  # the study cannot be read or written (or the disk is full)
     NO_GPU = 4  # given GPUs, CUDA cannot use them here: it does not train on the CPU instead
-    INTERRUPTED = 130  # a stop signal; the trial in progress is run again
+    INTERRUPTED = 130  # a stop signal; the trial in progress continues on the next run
 
 
 # errors that say where the run writes is unusable (full, over quota, read-only, not ours):

@@ -175,7 +175,11 @@ def _work(args: argparse.Namespace, status: StatusFile) -> tuple[Exit, str | Non
     except (KeyboardInterrupt, SystemExit):
         # another worker of the same sweep may run the cell again before any re-run does
         status.write(state=Outcome.INTERRUPTED)
-        return Exit.INTERRUPTED, "interrupted; its trial is not a failed attempt and is run again"
+        return (
+            Exit.INTERRUPTED,
+            "interrupted; its trial is not a failed attempt: the next run continues it from "
+            "its last checkpoint",
+        )
     except (SweepError, ResumeError) as err:
         status.write(state="bad input")
         return Exit.BAD_INPUT, str(err)
