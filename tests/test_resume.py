@@ -237,6 +237,8 @@ def test_a_killed_worker_s_trial_resumes_with_the_same_numbers_and_one_wandb_run
     os.kill(running.user_attrs["worker.pid"], signal.SIGKILL)
     proc.communicate(timeout=120)
     assert proc.returncode == 1  # a worker died: said
+    (killed,) = study_of("t", urls["t"]).get_trials()
+    assert killed.state == TrialState.RUNNING  # nobody noticed yet
     again = subprocess.run(cmd("t", wandb), capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stderr
     assert (
@@ -246,6 +248,7 @@ def test_a_killed_worker_s_trial_resumes_with_the_same_numbers_and_one_wandb_run
 
     first, resumed = study_of("t", urls["t"]).get_trials()
     assert trial_state(first) == "interrupted" and trial_state(resumed) == "complete"
+    assert "worker died" in first.user_attrs["error_message"]  # not a failed attempt
     assert resumed.user_attrs["resumes"] == 0 and resumed.user_attrs["segments"] == 2
     assert resumed.user_attrs["resumed_from_epoch"] >= 1
     assert resumed.user_attrs["run_dir"] == first.user_attrs["run_dir"]

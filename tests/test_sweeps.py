@@ -1,9 +1,6 @@
 import json
-import os
-import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -18,7 +15,7 @@ from ablations.storage import default_url
 from ablations.study import DEFINITION_ATTR, DONE_STATES, open_study, trial_state
 from ablations.trial import StatusFile
 from lightning_modules.precision import resolve_precision
-from tests.helpers import FAST, load, run_worker, sweep_cli, tree, wait_until, write_sweep
+from tests.helpers import FAST, load, run_worker, sweep_cli, tree, write_sweep
 
 
 def complete_cells(study):
@@ -143,43 +140,6 @@ def test_two_workers_complete_every_cell_once_and_a_rerun_adds_nothing(tmp_path,
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing left to run" in again.stdout
     assert len(load().get_trials()) == 4
-
-
-def test_sigkill_mid_trial_then_rerun_completes_the_cell_once(tmp_path, in_tmp):
-    params = {
-        **FAST,
-        "data.subset": {"value": 2000},
-        "train.epochs": {"value": 8},
-        "model.variant": {"values": ["all-cnn"]},
-        "seed": {"values": [0]},
-    }
-    file = write_sweep(tmp_path / "s.yaml", parameters=params)
-    cmd = sweep_cli(file, workers=1)
-    launcher = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-
-    def worker_pid():
-        if Path("runs/t/optuna.journal").exists():
-            running = load().get_trials(states=(optuna.trial.TrialState.RUNNING,))
-            if running and "worker.pid" in running[0].user_attrs:
-                return running[0].user_attrs["worker.pid"]
-        return None
-
-    pid = wait_until(worker_pid, 120, interval=1)
-    assert pid is not None, "no trial started"
-    time.sleep(2)
-    os.kill(pid, signal.SIGKILL)
-    launcher.wait(timeout=60)
-    killed = load().get_trials()[0]
-    assert killed.state == optuna.trial.TrialState.RUNNING  # nobody noticed yet
-
-    # the same command again fails the dead trial and runs its cell again
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr
-    trials = load().get_trials()
-    # a dead worker's trial is interrupted, not a failed attempt of its cell
-    assert [trial_state(t) for t in trials] == ["interrupted", "complete"]
-    assert "worker died" in trials[0].user_attrs["error_message"]
-    assert trials[0].user_attrs["cell"] == trials[1].user_attrs["cell"]
 
 
 def test_diverged_trial_is_recorded_not_retried_and_the_sweep_goes_on(tmp_path, in_tmp):
