@@ -11,12 +11,14 @@ something else runs slower. `benchmarks/` measures the pipeline itself.
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-STEPS = 3  # timed training steps per model, after one untimed (allocation, kernel choice)
+STEPS = 5  # timed training steps per model (their median), after two untimed (allocation,
+# kernel choice)
 
 
 @dataclass(frozen=True)
@@ -86,21 +88,20 @@ def time_model(settings: dict[str, Any], threads: int, use_cuda: bool) -> ModelC
         with torch.no_grad(), torch.autocast(device.type, dtype=dtype, enabled=dtype is not None):
             net(xe)
 
+    def seconds(fn) -> float:
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        return time.perf_counter() - t0
+
     net.train()
     step()
-    sync()
-    t0 = time.perf_counter()
-    for _ in range(STEPS):
-        step()
-    sync()
-    train_step = (time.perf_counter() - t0) / STEPS
+    step()
+    train_step = statistics.median(seconds(step) for _ in range(STEPS))
     net.eval()
     evaluate()
-    sync()
-    t0 = time.perf_counter()
-    evaluate()
-    sync()
-    eval_image = (time.perf_counter() - t0) / eval_batch
+    eval_image = min(seconds(evaluate) for _ in range(2)) / eval_batch
     n_train = len(dm.splits["train"][1])
     return ModelCost(
         name=prepared.flat["model.name"],
@@ -190,7 +191,7 @@ def estimate(
     device = next(iter(lines.values())).cost.device
     out = [
         f"estimated training time here ({device}, {threads} thread(s) per worker, "
-        f"{workers} worker(s); {STEPS} timed steps per model):"
+        f"{workers} worker(s); the median of {STEPS} timed steps per model):"
     ]
     width = max(len(line.name) for line in lines.values())
     out.append(f"  {'model':<{width}}  cells  epochs  per epoch  training")
