@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -148,32 +149,39 @@ class Resume:
     history: list[dict[str, Any]]
 
 
-def find(run_dir: Path, flat: dict[str, Any], module: torch.nn.Module) -> Resume | None:
-    """The newest checkpoint of `run_dir` that reads, checked against this cell and this
-    code's network; a torn or unreadable one falls back to the one before, none to epoch 0
-    (each with one printed line). Raises ResumeError for another cell's checkpoint or one
-    whose network does not load here."""
+def newest_readable(run_dir: Path, *, say: bool = True) -> tuple[Path, dict] | None:
+    """The newest checkpoint of `run_dir` that reads, with its contents; a torn or unreadable
+    one falls back to the one before, none to None (each with one printed line if `say`)."""
     found = candidates(run_dir)
     for path in found:
         try:
             ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            saved = ckpt["allconv"]
-            state_dict = ckpt["state_dict"]
+            ckpt["allconv"]["cell"], ckpt["state_dict"]  # noqa: B018  (what a resume needs)
         except Exception as err:
-            print(
-                f"{path}: unreadable ({type(err).__name__}), trying the one before", file=sys.stderr
-            )
+            if say:
+                print(f"{path}: unreadable ({type(err).__name__}), trying the one before",
+                      file=sys.stderr)  # fmt: skip
             continue
-        check(path, saved["cell"], cell_settings(flat), state_dict, module.state_dict())
-        recorder = next(
-            (v for k, v in ckpt.get("callbacks", {}).items() if "EpochRecorder" in k), {}
-        )
-        return Resume(path, int(ckpt["epoch"]) + 1, list(recorder.get("history", [])))
-    if found:
+        return path, ckpt
+    if found and say:
         print(
             f"{run_dir}: no checkpoint reads; the trial starts again from epoch 0", file=sys.stderr
         )
     return None
+
+
+def find(run_dir: Path, flat: dict[str, Any], module: torch.nn.Module) -> Resume | None:
+    """The checkpoint to resume from (`newest_readable`), checked against this cell and this
+    code's network; None: start from epoch 0. Raises ResumeError for another cell's
+    checkpoint or one whose network does not load here."""
+    got = newest_readable(run_dir)
+    if got is None:
+        return None
+    path, ckpt = got
+    check(path, ckpt["allconv"]["cell"], cell_settings(flat), ckpt["state_dict"],
+          module.state_dict())  # fmt: skip
+    recorder = next((v for k, v in ckpt.get("callbacks", {}).items() if "EpochRecorder" in k), {})
+    return Resume(path, int(ckpt["epoch"]) + 1, list(recorder.get("history", [])))
 
 
 def check_folder(run_dir: Path, flat: dict[str, Any]) -> None:
@@ -182,23 +190,19 @@ def check_folder(run_dir: Path, flat: dict[str, Any]) -> None:
     network against this code's build of the network it describes."""
     from lightning_modules.module import AllConvModule
 
-    for path in candidates(run_dir):
-        try:
-            ckpt = torch.load(path, map_location="cpu", weights_only=True)
-            saved, state_dict = ckpt["allconv"], ckpt["state_dict"]
-            hparams = ckpt["hyper_parameters"]
-        except Exception:
-            continue  # find says so, and falls back
-        try:
-            expected = AllConvModule(**hparams).state_dict()
-        except Exception as err:
-            raise ResumeError(
-                f"{path} does not load into this code's network ({type(err).__name__}: "
-                f"{err}): it was written by another version; run that version to resume it, "
-                "or move the run folder away"
-            ) from None
-        check(path, saved["cell"], cell_settings(flat), state_dict, expected)
+    got = newest_readable(run_dir, say=False)  # the worker's `find` says it, and falls back
+    if got is None:
         return
+    path, ckpt = got
+    try:
+        expected = AllConvModule(**ckpt["hyper_parameters"]).state_dict()
+    except Exception as err:
+        raise ResumeError(
+            f"{path} does not load into this code's network ({type(err).__name__}: "
+            f"{err}): it was written by another version; run that version to resume it, "
+            "or move the run folder away"
+        ) from None
+    check(path, ckpt["allconv"]["cell"], cell_settings(flat), ckpt["state_dict"], expected)
 
 
 def check(
@@ -237,16 +241,13 @@ def finish(run_dir: Path, policy: CheckpointPolicy) -> None:
     """A completed trial: its newest checkpoint becomes `last.ckpt`; the rest go unless kept."""
     folder = run_dir / CHECKPOINTS
     epochs = epoch_checkpoints(folder)
-    if epochs:
-        os.replace(epochs[0], folder / LAST) if not policy.keep_all else _copy(
-            epochs[0], folder / LAST
-        )
-        if not policy.keep_all:
-            for old in epochs[1:]:
-                old.unlink(missing_ok=True)
-
-
-def _copy(src: Path, dst: Path) -> None:
-    tmp = dst.with_name(f".{dst.name}.tmp")
-    tmp.write_bytes(src.read_bytes())
-    os.replace(tmp, dst)
+    if not epochs:
+        return
+    if policy.keep_all:  # a copy, written as the checkpoints are: never a half file
+        tmp = folder / f".{LAST}.tmp"
+        shutil.copyfile(epochs[0], tmp)
+        os.replace(tmp, folder / LAST)
+        return
+    os.replace(epochs[0], folder / LAST)
+    for old in epochs[1:]:
+        old.unlink(missing_ok=True)

@@ -116,7 +116,7 @@ def time_model(settings: dict[str, Any], threads: int, use_cuda: bool) -> ModelC
 def epochs_left(sweep, study, cells: list[dict[str, Any]]) -> dict[str, int]:
     """Per cell id, the epochs still to train: none for a cell done, its epochs less those
     its interrupted trial's newest checkpoint holds for one to be continued."""
-    from ablations.resume import candidates
+    from ablations.resume import candidates, epochs_in
     from ablations.study import study_cells
     from ablations.sweep_file import cell_id
 
@@ -133,17 +133,8 @@ def epochs_left(sweep, study, cells: list[dict[str, Any]]) -> dict[str, int]:
         run_dir = newest.user_attrs.get("run_dir") if newest is not None else None
         found = candidates(Path(run_dir)) if run_dir else []
         if found:
-            left[cid] -= min(left[cid], checkpoint_epoch(found[0], sweep.epochs(entry.cell)))
+            left[cid] -= min(left[cid], epochs_in(found[0], sweep.epochs(entry.cell)))
     return left
-
-
-def checkpoint_epoch(path: Path, epochs: int) -> int:
-    from ablations.resume import EPOCH_FILE, LAST
-
-    if path.name == LAST:
-        return epochs
-    m = EPOCH_FILE.search(path.name)
-    return int(m.group(1)) if m else 0
 
 
 def hours(seconds: float) -> str:

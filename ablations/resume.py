@@ -109,6 +109,14 @@ def epoch_checkpoints(folder: Path) -> list[Path]:
     return [p for _, p in sorted(found, reverse=True)]
 
 
+def epochs_in(path: Path, epochs: int) -> int:
+    """Epochs complete in a checkpoint, from its name (`last.ckpt`: all `epochs`)."""
+    if path.name == LAST:
+        return epochs
+    m = EPOCH_FILE.search(path.name)
+    return int(m.group(1)) if m else 0
+
+
 def candidates(run_dir: Path) -> list[Path]:
     """Checkpoints to resume from, newest first: a completed fit's `last.ckpt`, then epochs."""
     folder = run_dir / CHECKPOINTS

@@ -283,26 +283,19 @@ def test_a_worker_whose_trial_was_taken_over_records_nothing_and_carries_on(tmp_
     )
     env = {**os.environ, "ALLCONV_GRACE_S": "4", "ALLCONV_HEARTBEAT_S": "1"}
     cmd = sweep_cli(file, workers=1)
-    first = subprocess.Popen(
-        cmd,
-        env={**env, "ALLCONV_HOST": "node-a"},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+
+    def on_host(host: str) -> subprocess.Popen:
+        return subprocess.Popen(cmd, env={**env, "ALLCONV_HOST": host}, text=True,
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+
+    first = on_host("node-a")
     first_checkpoint("t", first)
     url = default_url("t", Path("runs"))
     (trial,) = study_of("t", url).get_trials(states=(TrialState.RUNNING,))
     pid = trial.user_attrs["worker.pid"]
     os.kill(pid, signal.SIGSTOP)
     try:
-        second = subprocess.Popen(
-            cmd,
-            env={**env, "ALLCONV_HOST": "node-b"},
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
+        second = on_host("node-b")
 
         def continued():
             trials = study_of("t", url).get_trials(states=(TrialState.RUNNING,))
