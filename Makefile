@@ -26,8 +26,8 @@ data:
 # closing export) while the other waits. `pytest` alone runs them one at a time. The slowest
 # are listed.
 # What the tests start for real (PostgreSQL; pdflatex with booktabs for the LaTeX export;
-# Fashion-MNIST; a one-node SLURM cluster with munge): installed from Debian as root;
-# otherwise the tests that need them skip and say why.
+# Fashion-MNIST; a one-node SLURM cluster with munge; headless Chromium for the report):
+# installed from Debian as root; otherwise the tests that need them skip and say why.
 test-deps:
 	@if [ "$$(id -u)" = 0 ]; then \
 	  need=""; \
@@ -36,6 +36,7 @@ test-deps:
 	  command -v pdflatex >/dev/null || need="$$need texlive-latex-base texlive-latex-recommended"; \
 	  command -v slurmctld >/dev/null || need="$$need slurm-wlm"; \
 	  command -v munged >/dev/null || need="$$need munge"; \
+	  command -v chromium >/dev/null || need="$$need chromium"; \
 	  if [ -n "$$need" ]; then \
 	    (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq \
 	      --no-install-recommends $$need) >/dev/null; \
@@ -50,6 +51,7 @@ demo: setup data
 	$(BIN)/ablate sweep sweeps/quickstart.yaml --workers 2
 	$(BIN)/ablate status quickstart
 	$(BIN)/ablate export quickstart
+	$(BIN)/ablate report quickstart
 
 # CPU benchmarks, side by side in one process each; JSON in benchmarks/results/ (< 10 min).
 bench: setup

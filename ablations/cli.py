@@ -1,4 +1,4 @@
-"""`ablate`: models, train, sweep, status, export. Exit 0 on success, 2 on bad input."""
+"""`ablate`: models, train, sweep, status, export, report, visualize. Exit 2 on bad input."""
 
 from __future__ import annotations
 
@@ -171,10 +171,12 @@ def build_parser() -> argparse.ArgumentParser:
 
     from ablations import launcher, status, visualize
     from ablations.export import cli as export_cli
+    from ablations.report import cli as report_cli
 
     launcher.register_cli(sub)
     status.register_cli(sub)
     export_cli.register_cli(sub)
+    report_cli.register_cli(sub)
     visualize.register_cli(sub)
     return parser
 

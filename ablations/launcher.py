@@ -20,7 +20,7 @@ from typing import Any
 
 import optuna
 
-from ablations import process, wandb_log
+from ablations import process, provenance, wandb_log
 from ablations.display import watch
 from ablations.preflight import dry_run, gpus_to_use, preflight, usable_cpus, worker_plan
 from ablations.process import (
@@ -124,6 +124,7 @@ def launch(args: argparse.Namespace) -> int:
     ports = free_ports(len(plan)) if k > 1 else [None] * len(plan)
     procs: list[subprocess.Popen] = []
     t0 = time.time()
+    launch_key = provenance.record_launch(study, snapshot.read_text(), t0)
     previous = {n: signal.signal(n, _terminated) for n in stop_signals()}
     try:
         with stops_wait():
@@ -140,12 +141,15 @@ def launch(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         stop_workers(procs)
         print("interrupted: run the same command again to continue", file=sys.stderr)
+        provenance.end_launch(study, launch_key, Exit.INTERRUPTED)
         return Exit.INTERRUPTED
     finally:
         stop_workers(procs, quiet=True)  # whatever happened above, no worker outlives us
         for signum, handler in previous.items():
             signal.signal(signum, handler)
-    return _close(study, sweep, procs, before, t0, url, wandb_mode, runs_dir)
+    code = _close(study, sweep, procs, before, t0, url, wandb_mode, runs_dir)
+    provenance.end_launch(study, launch_key, code)
+    return code
 
 
 def _start_worker(

@@ -6,7 +6,9 @@ W&B read nothing else.
 In the study the record is the trial's user attributes, one per field under the name the
 rest of the project uses (`val/error`, `fit_seconds`, ...), so optuna-dashboard shows them and
 a study written before this module existed reads the same. The outcome is one field: Optuna's
-own state says only whether a trial finished, and `state` says how.
+own state says only whether a trial finished, and `state` says how. The per-epoch history is
+one attribute, `curves` (a list per metric, `CURVE_KEYS`), what the report draws; studies
+written before it have none.
 
 Imports neither torch nor Lightning.
 """
@@ -20,7 +22,8 @@ from typing import Any
 
 from optuna.trial import FrozenTrial, TrialState
 
-__all__ = ["Outcome", "Metrics", "Timings", "Provenance", "TrialRecord", "store", "COLUMNS"]
+__all__ = ["Outcome", "Metrics", "Timings", "Provenance", "TrialRecord", "store", "curves"]
+__all__ += ["COLUMNS", "CURVES_ATTR", "CURVE_KEYS"]
 
 
 class Outcome(StrEnum):
@@ -94,7 +97,7 @@ class TrialRecord:
     timings: Timings = field(default_factory=Timings)
     provenance: Provenance = field(default_factory=Provenance)
     error_message: str | None = None
-    history: list[dict[str, float]] = field(default_factory=list)  # per epoch; not stored
+    history: list[dict[str, float]] = field(default_factory=list)  # per epoch, as `curves`
 
     @property
     def model_name(self) -> str | None:
@@ -134,6 +137,7 @@ class TrialRecord:
             timings=_part(Timings, attrs),
             provenance=_part(Provenance, attrs),
             error_message=attrs.get("error_message"),
+            history=_rows(attrs.get(CURVES_ATTR)),
         )
 
 
@@ -157,6 +161,11 @@ COLUMNS = (
 )
 
 
+CURVES_ATTR = "curves"
+# what a trial keeps of each epoch: the learning curves and the time they took
+CURVE_KEYS = ("epoch", "train/loss", "train/error", "val/loss", "val/error", "train_seconds")
+
+
 def store(trial, record: TrialRecord) -> None:
     """Write the record into a running trial's user attributes (before it is told)."""
     if record.settings:
@@ -164,6 +173,33 @@ def store(trial, record: TrialRecord) -> None:
     for key, value in record.fields().items():
         if value is not None and key != "model.name":
             trial.set_user_attr(key, value)
+    if record.history:
+        trial.set_user_attr(CURVES_ATTR, curves(record.history))
+
+
+def curves(history: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """The history as one list per key (JSON: a non-finite value, a diverged epoch, as null),
+    6 significant digits: what a figure needs, a few kB per hundred epochs."""
+    keys = [k for k in CURVE_KEYS if any(k in row for row in history)]
+    return {
+        k: [_short(row.get(k)) if k != "epoch" else int(row["epoch"]) for row in history]
+        for k in keys
+    }
+
+
+def _rows(stored: dict[str, list] | None) -> list[dict[str, float]]:
+    if not stored or "epoch" not in stored:
+        return []
+    return [
+        {k: v[i] for k, v in stored.items() if i < len(v) and v[i] is not None}
+        for i in range(len(stored["epoch"]))
+    ]
+
+
+def _short(v: Any) -> float | None:
+    if not isinstance(v, int | float) or not math.isfinite(v):
+        return None
+    return float(f"{v:.6g}")
 
 
 def _part(cls: type, attrs: dict[str, Any]) -> Any:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import math
 import os
@@ -28,6 +27,7 @@ from ablations.checkpoints import EpochCheckpoints, Resume
 from ablations.checkpoints import finish as finish_checkpoints
 from ablations.files import atomic_write
 from ablations.process import free_ports, stops_wait
+from ablations.provenance import git_commit
 from ablations.record import Metrics, Outcome, Provenance, Timings, TrialRecord
 from ablations.resume import EVERY_EPOCH, CheckpointPolicy, Lease, TakenOver
 from ablations.settings import Settings, SettingsError, model_spec, recorded
@@ -145,30 +145,6 @@ class EpochRecorder(Callback):
             self.fit_seconds_before = saved.get("fit_seconds_before", 0.0)
             self.segments = saved.get("segments", 1)
             self.resumed_from_epoch = saved.get("resumed_from_epoch")
-
-
-@functools.cache  # once per process: a worker's trials all run the code it started with
-def git_commit() -> str | None:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "HEAD"],
-            capture_output=True,
-            text=True,
-            cwd=Path(__file__).resolve().parent,
-            timeout=5,
-        )
-        dirty = subprocess.run(
-            ["git", "status", "--porcelain", "--untracked-files=no"],
-            capture_output=True,
-            text=True,
-            timeout=5,
-            cwd=Path(__file__).resolve().parent,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    if out.returncode != 0:
-        return None
-    return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
 def device_name(accelerator: str) -> str:

@@ -136,9 +136,11 @@ def log_table(
     tables: dict[str, Any],
     images: dict[str, Path] | None = None,
     job_type: str = "ablation-table",
+    html: dict[str, Path] | None = None,
 ) -> str | None:
     """One run of tables and figures in the study's group: the sweep's closing
-    `ablation-table` run (DataFrames as wandb.Tables), or `ablate visualize`'s figures."""
+    `ablation-table` run (DataFrames as wandb.Tables), or `ablate visualize`'s figures.
+    `html`: pages shown in the run (wandb.Html) and kept as its `report` artifacts."""
     if mode == "disabled":
         return None
     try:
@@ -160,6 +162,11 @@ def log_table(
         payload: dict[str, Any] = {k: wandb.Table(dataframe=df) for k, df in tables.items()}
         for key, path in (images or {}).items():
             payload[key] = wandb.Image(str(path))
+        for key, path in (html or {}).items():
+            payload[key] = wandb.Html(str(path), inject=False)
+            artifact = wandb.Artifact(f"{study}-{key}", type="report")
+            artifact.add_file(str(path))
+            run.log_artifact(artifact)
         run.log(payload)
         run_id = run.id
         run.finish()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from ablations import settings
-from ablations.run import git_commit
+from ablations.provenance import git_commit
 from datamodules import DeviceLoader
 from lightning_modules.family import ModelSpec
 from lightning_modules.net import build

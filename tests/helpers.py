@@ -162,10 +162,16 @@ SEEDS = [0, 1, 2]
 
 
 def make_study(
-    root: Path, name: str = "paper", raw: dict | None = None, value=None, broken: dict | None = None
+    root: Path,
+    name: str = "paper",
+    raw: dict | None = None,
+    value=None,
+    broken: dict | None = None,
+    curves: bool = False,
 ) -> optuna.Study:
     """A realistic finished study: by default 2 variants x 2 lrs x 3 seeds with one diverged
-    and one failed trial and known metrics (`value(cell)` gives the validation error)."""
+    and one failed trial and known metrics (`value(cell)` gives the validation error).
+    `curves`: each trial keeps 3 epochs (`trial_curves`), as `run.train` stores them."""
     raw = raw or {
         "name": name,
         "method": "grid",
@@ -228,6 +234,8 @@ def make_study(
             )
             attrs.pop("val/error"), attrs.pop("test/error")
             state, objective = TrialState.FAIL, None
+        if curves and what != "failed":
+            attrs["curves"] = trial_curves(val, cell["seed"], diverged=what == "diverged")
         dists = {k: CategoricalDistribution(sweep.params[k].values) for k in cell}
         study.add_trial(
             create_trial(
@@ -235,6 +243,13 @@ def make_study(
             )
         )
     return study
+
+
+def trial_curves(val: float, seed: int, diverged: bool = False) -> dict[str, list]:
+    """Three epochs ending at the trial's validation error (a diverged one's loss non-finite
+    in its last epoch, stored as null)."""
+    loss = [1.0 + 0.1 * seed, 0.6 + 0.1 * seed, None if diverged else 0.4 + 0.1 * seed]
+    return {"epoch": [0, 1, 2], "train/loss": loss, "val/error": [val + 4, val + 2, val]}
 
 
 # --- dataset archives in the official formats ------------------------------------------------

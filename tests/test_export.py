@@ -502,3 +502,21 @@ def test_the_ablation_table_run_keeps_tables_and_figures_apart(study, tmp_path):
     assert summary["effects"]["nrows"] == 2  # variant and lr
     for key in ("summary_figure", "effects_figure"):
         assert summary[key]["_type"] == "image-file", key
+    # the report: shown in the run, and kept whole as its artifact
+    assert summary["report"]["_type"] == "html-file"
+    assert Path("runs/paper/report.html").stat().st_size > 1_000_000
+    records = subprocess.run(
+        [str(wandb), "leet", "inspect", "--json", str(run_dir)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    ).stdout
+    (kept,) = [
+        r["artifact"]
+        for r in map(json.loads, filter(lambda x: x.startswith("{"), records.splitlines()))
+        if r["type"] == "artifact" and r["artifact"]["type"] == "report"
+    ]
+    assert kept["name"] == "paper-report"
+    (content,) = kept["manifest"]["contents"]
+    assert content["path"] == "report.html"
+    assert int(content["size"]) == Path("runs/paper/report.html").stat().st_size

@@ -23,7 +23,10 @@ def full_record() -> TrialRecord:
         metrics=Metrics(val_error=12.5, test_error=11.0, test_error_dropout=math.nan, params=7),
         timings=Timings(fit_seconds=3.5, images_per_second=100.0),
         provenance=Provenance(device="cpu", precision="32-true", data_files=["a", "b"]),
-        history=[{"epoch": 0, "val/error": 12.5}],
+        history=[
+            {"epoch": 0, "val/error": 12.5, "train/loss": 2.302585093, "train_images": 64},
+            {"epoch": 1, "val/error": math.nan, "train/loss": 1.5},
+        ],
     )
 
 
@@ -39,7 +42,16 @@ def test_a_stored_record_reads_back_the_same(study):
     assert back.metrics == Metrics(val_error=12.5, test_error=11.0, params=7)  # NaN not stored
     assert back.timings == record.timings
     assert back.provenance == record.provenance
-    assert back.history == []  # the curve goes to result.yaml and Optuna, not user attributes
+    # the curves the report draws, 6 digits, a diverged epoch's NaN as a gap
+    assert back.history == [
+        {"epoch": 0, "val/error": 12.5, "train/loss": 2.30259},
+        {"epoch": 1, "train/loss": 1.5},
+    ]
+    assert study.trials[0].user_attrs["curves"] == {
+        "epoch": [0, 1],
+        "train/loss": [2.30259, 1.5],
+        "val/error": [12.5, None],
+    }
     # the project's names in the study, as optuna-dashboard and older studies have them
     attrs = study.trials[0].user_attrs
     assert attrs["state"] == "complete" and attrs["val/error"] == 12.5

@@ -9,7 +9,7 @@ import pytest
 import torch
 import yaml
 
-from ablations import sweep_file, worker
+from ablations import provenance, report, sweep_file, worker
 from ablations.cli import main
 from ablations.storage import default_url
 from ablations.study import DEFINITION_ATTR, DONE_STATES, open_study, trial_state
@@ -137,9 +137,20 @@ def test_two_workers_complete_every_cell_once_and_a_rerun_adds_nothing(tmp_path,
     cells = complete_cells(study)
     assert len(cells) == 4 and len(set(cells)) == 4
     assert len(study.get_trials()) == 4
+    # the run is recorded with the study, and its closing report has each trial's curves
+    (launch,) = provenance.launches(study)
+    assert launch["argv"][:2] == ["ablate", "sweep"] and launch["exit_code"] == 0
+    assert launch["versions"]["torch"] == "2.14.1" and launch["ended"] >= launch["started"]
+    assert launch["sweep_file"] == Path("runs/t/sweep.yaml").read_text()
+    curves = report.histories(study)
+    assert {source for _, source in curves.values()} == {"study"} and len(curves) == 4
+    for t in study.get_trials():
+        assert len(curves[t.number][0]) == t.user_attrs["epochs_run"]
+    assert Path("runs/t/report.html").stat().st_size > 1_000_000
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0 and "nothing left to run" in again.stdout
     assert len(load().get_trials()) == 4
+    assert len(provenance.launches(load())) == 1  # a run that starts no worker records none
 
 
 def test_diverged_trial_is_recorded_not_retried_and_the_sweep_goes_on(tmp_path, in_tmp):

@@ -25,6 +25,7 @@ from ablations.export.summary import summarize
 from ablations.export.tables import (
     caption,
     display_table,
+    effects_caption,
     effects_table,
     to_latex,
     to_markdown,
@@ -151,12 +152,7 @@ def write(
     paper = "paper test/error" in summary
     text = caption(study.study_name, t.trials, t.sweep, t.select_by, t.over, paper)
     eff = effects_table(t.effects)
-    eff_caption = (
-        f"{study.study_name}: each level against the reference, paired over the "
-        "other swept settings and seeds; mean difference, its 95% interval (Student's t "
-        f"below {effects.BOOTSTRAP_MIN_PAIRS} pairs, else bootstrap), paired t-test p-value, "
-        "Holm-corrected across the table."
-    )
+    eff_caption = effects_caption(study.study_name)
     out.mkdir(parents=True, exist_ok=True)
     _remove_dead_stages(out)
     stage = Path(tempfile.mkdtemp(prefix=f".export-{os.getpid()}-", dir=out))
@@ -202,12 +198,20 @@ def _remove_dead_stages(out: Path) -> None:
 
 
 def log_to_wandb(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path) -> None:
-    """The sweep's exports in runs/<study>/export, and its `ablation-table` W&B run: the
-    same summary, effects and trials tables as W&B tables, and the figures."""
-    from ablations import wandb_log
+    """The sweep's exports in runs/<study>/export, its report in runs/<study>/report.html, and
+    its `ablation-table` W&B run: the same summary, effects and trials tables as W&B tables,
+    the figures, and the report as an HTML artifact."""
+    from ablations import report, wandb_log
 
     tables = build(study)
     files = write(study, runs_dir / "export", formats=list(FORMATS), tables=tables)
+    page = None
+    try:
+        page = report.write(
+            runs_dir / "report.html", report.build(study, runs_dir=runs_dir, tables=tables)
+        )
+    except ExportError:  # no finished trial yet: nothing to report, the export said so
+        pass
     if mode == "disabled":
         return
     images = {
@@ -224,6 +228,7 @@ def log_to_wandb(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path) -
         save_dir=runs_dir,
         tables={name: _for_wandb(csv[name]) for name in ("summary", "effects", "trials")},
         images=images,
+        html={"report": page} if page is not None else None,
     )
 
 

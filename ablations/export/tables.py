@@ -7,6 +7,7 @@ from typing import Any
 
 import pandas as pd
 
+from ablations.effects import BOOTSTRAP_MIN_PAIRS
 from ablations.export.summary import paper_table, seed_count
 from ablations.sweep_file import Sweep
 
@@ -208,6 +209,15 @@ def caption(
     if paper:
         text += " Paper: Springenberg et al. (2015), Table 3."
     return text
+
+
+def effects_caption(study: str) -> str:
+    return (
+        f"{study}: each level against the reference, paired over the "
+        "other swept settings and seeds; mean difference, its 95% interval (Student's t "
+        f"below {BOOTSTRAP_MIN_PAIRS} pairs, else bootstrap), paired t-test p-value, "
+        "Holm-corrected across the table."
+    )
 
 
 def effects_table(effects: pd.DataFrame) -> pd.DataFrame:
