@@ -275,13 +275,28 @@ def _print_errors(study: optuna.Study, sweep: Sweep) -> None:
 
 
 def _closing_table(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path) -> None:
-    """The exports under runs/<study>/export, and one `ablation-table` W&B run."""
-    from ablations import export
-
     try:
-        export.log_to_wandb(study, sweep, mode, runs_dir)
+        closing_outputs(study, sweep, mode, runs_dir)
     except Exception as err:  # the sweep's results are in the study whatever happens here
-        print(f"closing export/W&B table failed: {err}", file=sys.stderr)
+        print(f"closing export/report/W&B table failed: {err}", file=sys.stderr)
+
+
+def closing_outputs(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path) -> None:
+    """The end of a sweep: the exports under runs/<study>/export, the report at
+    runs/<study>/report.html, and one `ablation-table` W&B run holding both."""
+    from ablations import export, report
+
+    tables = export.build(study)
+    files = export.write(study, runs_dir / "export", formats=list(export.FORMATS), tables=tables)
+    page = None
+    try:
+        page = report.write(
+            runs_dir / "report.html", report.build(study, runs_dir=runs_dir, tables=tables)
+        )
+    except export.ExportError:  # no finished trial yet: nothing to report
+        pass
+    html = {"report": page} if page is not None else None
+    export.log_to_wandb(study, sweep, mode, runs_dir, tables=tables, files=files, html=html)
 
 
 def check_resumable(study: optuna.Study) -> None:

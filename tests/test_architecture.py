@@ -80,7 +80,7 @@ def _imports_of(args: list[str], cwd: Path) -> dict:
         f"    rc = main({args!r})\n"
         "except SystemExit as e:\n"
         "    rc = e.code\n"
-        "heavy = [m for m in ('torch', 'lightning', 'torchvision') if m in sys.modules]\n"
+        "heavy = [m for m in ('torch', 'lightning', 'torchvision', 'wandb') if m in sys.modules]\n"
         "print(json.dumps({'rc': rc, 'heavy': heavy}), file=sys.stderr)\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT), "WANDB_MODE": "disabled"}
@@ -97,8 +97,9 @@ def _imports_of(args: list[str], cwd: Path) -> dict:
         ["sweep", "--help"],
         ["status", "paper"],
         ["export", "paper", "--format", "csv,md"],
+        ["report", "paper"],
     ],
-    ids=["help", "sweep-help", "status", "export"],
+    ids=["help", "sweep-help", "status", "export", "report"],
 )
 def test_reading_commands_import_neither_torch_nor_lightning(args, tmp_path):
     make_study(tmp_path)
@@ -106,6 +107,8 @@ def test_reading_commands_import_neither_torch_nor_lightning(args, tmp_path):
     assert got == {"rc": 0, "heavy": []}
     if args[0] == "export":
         assert (tmp_path / "runs/paper/export/summary.csv").is_file()
+    if args[0] == "report":  # it reads the study, never W&B
+        assert (tmp_path / "runs/paper/report.html").is_file()
 
 
 def test_models_may_import_torch_but_not_lightning(tmp_path):

@@ -468,16 +468,17 @@ def test_cli_export_writes_under_runs(study, capsys):
 
 
 def test_the_ablation_table_run_keeps_tables_and_figures_apart(study, tmp_path):
-    """W&B's own reader shows the closing run with its three tables and two figures. In a
-    process of its own, as the launcher makes it: W&B keeps per-process state that a later
-    in-process run of another test would inherit."""
+    """W&B's own reader shows the closing run with its three tables, two figures and the
+    report. In a process of its own, as the launcher makes it: W&B keeps per-process state
+    that a later in-process run of another test would inherit."""
     code = (
-        "import optuna; from pathlib import Path; from ablations.export import log_to_wandb; "
+        "import optuna; from pathlib import Path; "
+        "from ablations.launcher import closing_outputs; "
         "from ablations.storage import default_url, open_storage; "
         "from ablations.study import stored_sweep; "
         "s = optuna.load_study(study_name='paper', storage=open_storage("
         "default_url('paper', Path('runs')))); "
-        "log_to_wandb(s, stored_sweep(s), 'offline', Path('runs/paper'))"
+        "closing_outputs(s, stored_sweep(s), 'offline', Path('runs/paper'))"
     )
     root = Path(__file__).resolve().parents[1]
     env = {**os.environ, "PYTHONPATH": str(root), "WANDB_MODE": "offline"}

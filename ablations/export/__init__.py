@@ -197,21 +197,25 @@ def _remove_dead_stages(out: Path) -> None:
             shutil.rmtree(stage, ignore_errors=True)
 
 
-def log_to_wandb(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path) -> None:
-    """The sweep's exports in runs/<study>/export, its report in runs/<study>/report.html, and
-    its `ablation-table` W&B run: the same summary, effects and trials tables as W&B tables,
-    the figures, and the report as an HTML artifact."""
-    from ablations import report, wandb_log
+def log_to_wandb(
+    study: optuna.Study,
+    sweep: Sweep,
+    mode: str,
+    runs_dir: Path,
+    *,
+    tables: Tables | None = None,
+    files: dict[str, Path] | None = None,
+    html: dict[str, Path] | None = None,
+) -> None:
+    """The study's `ablation-table` W&B run: the summary, effects and trials tables as W&B
+    tables, the figures, and `html` pages (the report) shown and kept as artifacts.
+    `tables`/`files`: what `build` and `write` made already (else the exports are written
+    under runs/<study>/export here)."""
+    from ablations import wandb_log
 
-    tables = build(study)
-    files = write(study, runs_dir / "export", formats=list(FORMATS), tables=tables)
-    page = None
-    try:
-        page = report.write(
-            runs_dir / "report.html", report.build(study, runs_dir=runs_dir, tables=tables)
-        )
-    except ExportError:  # no finished trial yet: nothing to report, the export said so
-        pass
+    tables = tables or build(study)
+    if files is None:
+        files = write(study, runs_dir / "export", formats=list(FORMATS), tables=tables)
     if mode == "disabled":
         return
     images = {
@@ -228,7 +232,7 @@ def log_to_wandb(study: optuna.Study, sweep: Sweep, mode: str, runs_dir: Path) -
         save_dir=runs_dir,
         tables={name: _for_wandb(csv[name]) for name in ("summary", "effects", "trials")},
         images=images,
-        html={"report": page} if page is not None else None,
+        html=html,
     )
 
 
