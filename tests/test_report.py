@@ -23,7 +23,7 @@ from ablations.report.page import PLOTLY_JS
 from ablations.storage import default_url
 from ablations.study import open_study
 from tests.browser import chromium, visit
-from tests.helpers import make_study, tree
+from tests.helpers import LRS, make_study, tree
 
 needs_chromium = pytest.mark.skipif(
     chromium() is None,
@@ -296,3 +296,49 @@ def test_out_names_the_file_or_a_folder_for_it(study, tmp_path, capsys):
     assert (tmp_path / "folder/report.html").exists()
     assert not list(tmp_path.glob("**/.*.tmp"))  # written whole, no temporary left
     assert "MB): open it in any browser" in capsys.readouterr().out
+
+
+def test_a_selection_is_shown_with_every_candidate(study):
+    assert main(["report", "paper", "--select-by", "val/error", "--over", "train.lr"]) == 0
+    text = Path("runs/paper/report.html").read_text()
+    selection = export.build(study, select_by="val/error", over=["train.lr"]).selection
+    part = text[text.index('<section id="selection">') : text.index('<section id="curves">')]
+    assert part.count("<tr>") == len(selection) + 1  # its header and one row per candidate
+    assert "the lowest mean val/error among settings whose seeds all completed" in part
+
+
+def test_the_factors_figure_has_every_completed_trial_and_each_level_s_mean(study):
+    t = export.build(study)
+    spec = charts.factor_slices(t.trials, t.sweep, "val/error")
+    done = t.trials[t.trials["state"] == "complete"]
+    for axis, key in (("x", "model.variant"), ("x2", "train.lr")):
+        points = [d for d in spec["data"] if d["xaxis"] == axis and d["name"] != "level mean"]
+        assert sum(len(d["y"]) for d in points) == len(done)
+        (means,) = [d for d in spec["data"] if d["xaxis"] == axis and d["name"] == "level mean"]
+        want = done.groupby(done[key].map(str))["val/error"].mean()
+        assert dict(zip(means["x"], means["y"])) == pytest.approx(want.to_dict())
+    assert spec["layout"]["xaxis2"]["categoryarray"] == [str(v) for v in LRS]  # the file's order
+
+
+def test_the_optimisation_history_draws_the_best_so_far():
+    trials = pd.DataFrame(
+        {
+            "trial": [0, 1, 2, 3],
+            "state": ["complete", "failed", "complete", "complete"],
+            "model.name": ["C"] * 4,
+            "train.lr": [0.1, 0.2, 0.05, 0.3],
+            "val/error": [20.0, None, 12.0, 15.0],
+        }
+    )
+    sweep = sweep_file.parse(
+        {
+            "name": "r",
+            "method": "random",
+            "run_cap": 4,
+            "parameters": {"train.lr": {"distribution": "uniform", "min": 0.01, "max": 0.5}},
+        }
+    )
+    spec = charts.optimisation_history(trials, sweep)
+    points, best = spec["data"]
+    assert points["x"] == [0, 2, 3] and points["y"] == [20.0, 12.0, 15.0]
+    assert best["y"] == [20.0, 12.0, 12.0]
