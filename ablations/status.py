@@ -29,11 +29,17 @@ def cmd_status(args: argparse.Namespace) -> int:
         f"{tot.failed} failed trials, {tot.left} left, {tot.given_up} given up "
         f"(of {tot.cells} {'cells' if sweep.method == 'grid' else 'trials'})"
     )
+    if sweep.multi:
+        said = ", ".join(f"{name} ({goal})" for name, goal in sweep.objectives)
+        console.print(f"  objectives: {said}", markup=False, highlight=False)
     for message, n in sorted(errors(study).items(), key=lambda kv: -kv[1])[:5]:
         console.print(f"  failed: {n} x {message}", markup=False, highlight=False)
     table = Table()
+    # every objective by name beside the errors (a multi-objective sweep's cost, say)
+    shown = ["val/error", "test/error"]
+    shown += [name for name, _ in sweep.objectives if name not in shown]
     if sweep.method == "grid":
-        for col in (*sweep.swept, "state", "trials", "val/error", "test/error"):
+        for col in (*sweep.swept, "state", "trials", *shown):
             table.add_column(col)
         for entry in study_cells(study, sweep).values():
             records = [TrialRecord.of(t) for t in entry.trials]
@@ -44,11 +50,10 @@ def cmd_status(args: argparse.Namespace) -> int:
                 *(str(entry.cell[k]) for k in sweep.swept),
                 _state(entry.state, running[-1] if running else None),
                 ",".join(str(t.number) for t in entry.trials),
-                _fmt(last and last.metrics.val_error),
-                _fmt(last and last.metrics.test_error),
+                *(_fmt(last and last.get(m)) for m in shown),
             )
     else:
-        for col in ("trial", "state", *sweep.swept, "val/error", "test/error"):
+        for col in ("trial", "state", *sweep.swept, *shown):
             table.add_column(col)
         for t in study.get_trials(deepcopy=False):
             record = TrialRecord.of(t)
@@ -56,8 +61,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 str(t.number),
                 _state(record.outcome, t),
                 *(str(t.params.get(k, "")) for k in sweep.swept),
-                _fmt(record.metrics.val_error),
-                _fmt(record.metrics.test_error),
+                *(_fmt(record.get(m)) for m in shown),
             )
     console.print(table)
     return 0
@@ -73,7 +77,9 @@ def _state(state: str, trial: Any) -> str:
 
 
 def _fmt(v: Any) -> str:
-    return "" if v is None else f"{v:.2f}"
+    if v is None or (isinstance(v, float) and v != v):
+        return ""
+    return f"{v:,}" if isinstance(v, int) else f"{v:.2f}"
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

@@ -23,6 +23,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from ablations.impute import ImputingSampler
 from ablations.liveness import is_stale
 from ablations.record import DONE, Outcome, TrialRecord
 from ablations.settings import SCHEMA
@@ -41,7 +42,11 @@ def sampler_for(sweep: Sweep, worker: int = 0) -> optuna.samplers.BaseSampler:
     # random sweep from drawing the same sequence
     seed = zlib.crc32(sweep.name.encode()) % 2**31 + worker
     if sweep.method == "bayes":
-        return optuna.samplers.TPESampler(seed=seed)
+        # one objective or several (multi-objective TPE); running trials count as the worst
+        # (Optuna's constant liar) unless metric.impute_while_running says false
+        liar = {} if sweep.liar is None else {"constant_liar": sweep.liar}
+        tpe = optuna.samplers.TPESampler(seed=seed, **liar)
+        return ImputingSampler(tpe, sweep) if sweep.impute else tpe
     return optuna.samplers.RandomSampler(seed=seed)
 
 
@@ -87,7 +92,7 @@ def open_study(
 ) -> optuna.Study:
     """Create or join; a name reused with a different definition is refused before writing."""
     storage = open_storage(url, create=create)
-    direction = "minimize" if sweep.goal == "minimize" else "maximize"
+    directions = [goal for _, goal in sweep.objectives]
     existing = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     new = _defined(json.loads(json.dumps(sweep.definition(), default=str)))
     written_out = False
@@ -117,7 +122,7 @@ def open_study(
         study = optuna.create_study(
             study_name=study_name,
             storage=storage,
-            direction=direction,
+            directions=directions,
             sampler=sampler_for(sweep, worker),
             pruner=pruner_for(sweep),
             load_if_exists=True,  # another machine may create it at the same moment
@@ -125,7 +130,7 @@ def open_study(
     if study.metric_names is None:  # optuna-dashboard labels the objective with it
         with warnings.catch_warnings():  # experimental in Optuna 5.0, and what we need
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            study.set_metric_names([sweep.metric])
+            study.set_metric_names([name for name, _ in sweep.objectives])
     if written_out:  # the file now says what the study ran with: store it as written
         study.set_user_attr(DEFINITION_ATTR, new)
     if study_name not in existing:

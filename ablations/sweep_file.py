@@ -36,7 +36,9 @@ TOP_KEYS = (
     "project",
     "entity",
     "selection",
-    *("program", "command", "controller"),
+    "metrics",
+    "scheduler",
+    *("program", "command", "controller", "apiVersion", "kind", "job", "image_uri"),
 )
 # Keys only W&B's agent reads (which script to start and how): accepted, ignored with a note,
 # since here the worker runs the trial itself.
@@ -44,6 +46,10 @@ AGENT_ONLY = {
     "program": "the script W&B's agent starts; here each worker trains the trial itself",
     "command": "the agent's command line; here each worker trains the trial itself",
     "controller": "where W&B's sweep controller runs; here the study is the controller",
+    "apiVersion": "the version of W&B's file format; this file is read as its current schema",
+    "kind": "W&B's name for the document, always sweep",
+    "job": "the W&B Launch job its agent would run; here each worker trains the trial itself",
+    "image_uri": "the container W&B Launch would run; here each worker trains the trial itself",
     "early_terminate.s": "hyperband brackets are Optuna's HyperbandPruner's own choice",
     "early_terminate.strict": "Optuna's HyperbandPruner has no strict mode",
 }
@@ -57,9 +63,14 @@ METHODS = {
 }
 GOALS = ("minimize", "maximize")
 METRICS = ("val/error", "val/loss", "train/loss", "test/error")
+# what a trial costs, as its record has it: an objective of a multi-objective sweep
+COSTS = ("params", "macs", "fit_seconds")
+METRIC_KEYS = ("name", "goal", "target", "impute", "impute_while_running")
+IMPUTE = ("latest", "best", "worst")
+SCHEDULER_KEYS = ("engine", "source", "optimizer", "search_space")
 EARLY_TERMINATE_KEYS = ("type", "min_iter", "max_iter", "eta", "s", "strict")
 # Keys a definition is compared on when a study name is reused; the rest may change.
-DEFINING = ("method", "metric", "parameters", "early_terminate", "selection")
+DEFINING = ("method", "metric", "metrics", "parameters", "early_terminate", "selection")
 
 
 @dataclass
@@ -78,6 +89,18 @@ class Sweep:
     raw: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)  # keys accepted and ignored, and why
     target: float | None = None  # W&B's metric.target: no new trial once a trial reaches it
+    # every objective as (name, goal): one for `metric:`, two or more for `metrics:`; `metric`
+    # and `goal` above are the first
+    objectives: list[tuple[str, str]] = field(default_factory=list)
+    # metric.impute per objective: the value a failed or diverged trial counts as (bayes)
+    impute: dict[str, str] = field(default_factory=dict)
+    # metric.impute_while_running (bayes): worst is TPE's constant liar, false turns it off;
+    # None: Optuna's default (on)
+    liar: bool | None = None
+
+    @property
+    def multi(self) -> bool:
+        return len(self.objectives) > 1
 
     @property
     def base(self) -> dict[str, Any]:
@@ -171,6 +194,118 @@ def _selection(raw: Any, params: dict[str, Param]) -> dict[str, Any] | None:
     return {"study": raw.get("study"), "by": raw.get("by"), "over": over, "cells": cells}
 
 
+def _metric(m: Any, where: str, keys: tuple[str, ...], valid: tuple[str, ...]) -> tuple[str, str]:
+    if not isinstance(m, dict):
+        raise _err(f"{where}: expected a mapping with name and goal, got {m!r}")
+    _check_keys(where, m, keys)
+    name, goal = m.get("name", "val/error"), m.get("goal", "minimize")
+    if name not in valid:
+        raise _err(f"{where}.name={name!r} is not one of the valid values: {', '.join(valid)}")
+    if goal not in GOALS:
+        raise _err(f"{where}.goal={goal!r} is not one of the valid values: {', '.join(GOALS)}")
+    impute = m.get("impute")
+    if impute is not None and impute not in IMPUTE:
+        raise _err(f"{where}.impute={impute!r} is not one of the valid values: {', '.join(IMPUTE)}")
+    return name, goal
+
+
+def _objectives(
+    raw: dict, method: str
+) -> tuple[list[tuple[str, str]], float | None, dict[str, str], bool | None, list[str]]:
+    """`metric:` or `metrics:` (W&B's multi-objective form) and `scheduler:`: the objectives,
+    metric.target, the impute rule per objective, TPE's constant liar, and notes."""
+    notes: list[str] = []
+    if "scheduler" in raw:
+        notes += _scheduler(raw["scheduler"], method)
+    if method == "custom":
+        raise _err(
+            "method=custom hands the search to a scheduler's own code (engine optuna or ax "
+            "with source:), which this tool does not run; write the search space under "
+            "parameters and use method bayes (Optuna's TPESampler, multi-objective with "
+            "metrics:), random or grid"
+        )
+    if "metric" in raw and "metrics" in raw:
+        raise _err("metric and metrics: give one (metrics: for several objectives)")
+    if "metrics" in raw:
+        items = raw["metrics"]
+        if not isinstance(items, list) or len(items) < 2:
+            raise _err(
+                "metrics: expected a list of two or more {name, goal} mappings "
+                "(one objective: metric:)"
+            )
+        for i, m in enumerate(items):
+            if isinstance(m, dict):
+                for key, why in (
+                    ("target", "stops the sweep when one trial reaches it, which with several "
+                     "objectives has no one meaning"),
+                    ("impute_while_running", "is one setting of the search, not of one "
+                     "objective: give it in none or remove it"),
+                ):  # fmt: skip
+                    if key in m:
+                        raise _err(f"metrics[{i}].{key}: not with several objectives: it {why}")
+        metrics = [(m, f"metrics[{i}]") for i, m in enumerate(items)]
+        keys: tuple[str, ...] = ("name", "goal", "impute")
+        valid: tuple[str, ...] = (*METRICS, *COSTS)  # error against what it costs
+    else:
+        metrics = [(raw.get("metric", {"name": "val/error", "goal": "minimize"}), "metric")]
+        keys, valid = METRIC_KEYS, METRICS
+    objectives = [_metric(m, where, keys, valid) for m, where in metrics]
+    names = [n for n, _ in objectives]
+    if len(set(names)) != len(names):
+        raise _err(f"metrics: {', '.join(names)}: an objective is given twice")
+    first = metrics[0][0]
+    target = first.get("target") if keys == METRIC_KEYS else None
+    if target is not None and (not isinstance(target, int | float) or isinstance(target, bool)):
+        raise _err(f"metric.target={target!r} must be a number")
+    impute = {n: m["impute"] for (n, _), (m, _) in zip(objectives, metrics) if "impute" in m}
+    if impute and method != "bayes":
+        notes.append(
+            f"metric.impute: accepted and ignored (only a bayes search learns from past "
+            f"trials; method {method} draws without them)"
+        )
+        impute = {}
+    liar = None
+    running = first.get("impute_while_running") if keys == METRIC_KEYS else None
+    if running is not None:
+        if running not in (*IMPUTE, "false", False):
+            raise _err(
+                f"metric.impute_while_running={running!r} is not one of the valid values: "
+                "latest, best, worst, false"
+            )
+        if running in ("latest", "best"):
+            raise _err(
+                f"metric.impute_while_running={running}: Optuna's TPE can count a running "
+                "trial only as its worst (constant liar); write worst, or false"
+            )
+        if running == "worst" and method != "bayes":
+            notes.append(
+                f"metric.impute_while_running: accepted and ignored (method {method} "
+                "learns nothing from running trials)"
+            )
+        if method == "bayes":
+            liar = running == "worst"
+    return objectives, None if target is None else float(target), impute, liar, notes
+
+
+def _scheduler(sched: Any, method: str) -> list[str]:
+    if not isinstance(sched, dict) or "engine" not in sched:
+        raise _err(f"scheduler: expected a mapping with engine, got {sched!r}")
+    _check_keys("scheduler", sched, SCHEDULER_KEYS)
+    engine = sched["engine"]
+    if engine not in ("optuna", "ax", "wandb"):
+        raise _err(f"scheduler.engine={engine!r} is not one of the valid values: optuna, ax, wandb")
+    if engine != "wandb" or "source" in sched:
+        source = sched.get("source")
+        code = f"the code in {source}" if source else "code of its own"
+        raise _err(
+            f"scheduler.engine={engine}: the search would run {code}, and this tool does not "
+            "run code named in a sweep file; remove scheduler, write the search space under "
+            "parameters and use method bayes (Optuna's TPESampler), random or grid"
+        )
+    return [f"scheduler: accepted and ignored (engine wandb is W&B's own {method} search, "
+            f"which method {method} runs here)"]  # fmt: skip
+
+
 def parse(raw: Any, source: str = "sweep file") -> Sweep:
     """Validate a sweep definition (a dict loaded from YAML); raises SweepError."""
     if not isinstance(raw, dict):
@@ -185,24 +320,14 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
     except SweepError as err:
         raise _err(str(err)) from None
     method = raw["method"]
-    if method not in METHODS:
+    if method not in (*METHODS, "custom"):
         raise _err(f"method={method!r} is not one of the valid values: {', '.join(METHODS)}")
-    metric = raw.get("metric", {"name": "val/error", "goal": "minimize"})
-    if not isinstance(metric, dict):
-        raise _err(f"metric: expected a mapping with name and goal, got {metric!r}")
-    _check_keys("metric", metric, ("name", "goal", "target"))
-    target = metric.get("target")
-    if target is not None and (not isinstance(target, int | float) or isinstance(target, bool)):
-        raise _err(f"metric.target={target!r} must be a number")
-    if metric.get("name", "val/error") not in METRICS:
-        raise _err(
-            f"metric.name={metric.get('name')!r} is not one of the valid values: "
-            f"{', '.join(METRICS)}"
-        )
-    if metric.get("goal", "minimize") not in GOALS:
-        raise _err(
-            f"metric.goal={metric.get('goal')!r} is not one of the valid values: {', '.join(GOALS)}"
-        )
+    for key in ("apiVersion", "job", "image_uri"):
+        if key in raw and not isinstance(raw[key], str):
+            raise _err(f"{key}: expected a string, got {raw[key]!r}")
+    if "kind" in raw and raw["kind"] != "sweep":
+        raise _err(f"kind={raw['kind']!r}: a sweep file's kind is sweep")
+    objectives, target, impute, liar, notes = _objectives(raw, method)
     if not isinstance(raw["parameters"], dict) or not raw["parameters"]:
         raise _err("parameters: expected a non-empty mapping of setting keys")
     params_raw = flatten(raw["parameters"])
@@ -259,17 +384,22 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
     for key in ("project", "entity", "description"):
         if raw.get(key) is not None and not isinstance(raw[key], str):
             raise _err(f"{key}: expected a string, got {raw[key]!r}")
-    notes = [f"{k}: accepted and ignored ({AGENT_ONLY[k]})" for k in AGENT_ONLY if k in raw]
+    notes += [f"{k}: accepted and ignored ({AGENT_ONLY[k]})" for k in AGENT_ONLY if k in raw]
     notes += [
         f"early_terminate.{k}: accepted and ignored ({AGENT_ONLY['early_terminate.' + k]})"
         for k in ("s", "strict")
         if k in raw.get("early_terminate", {})
     ]
+    if hyperband is not None and len(objectives) > 1:
+        raise _err(
+            "early_terminate with metrics: Optuna's pruners compare one objective; "
+            "prune on one metric (metric:) or drop early_terminate"
+        )
     sweep = Sweep(
         name=name,
         method=method,
-        metric=metric.get("name", "val/error"),
-        goal=metric.get("goal", "minimize"),
+        metric=objectives[0][0],
+        goal=objectives[0][1],
         params=params,
         description=raw.get("description") or "",
         run_cap=run_cap,
@@ -280,14 +410,14 @@ def parse(raw: Any, source: str = "sweep file") -> Sweep:
         raw={**raw, "parameters": params_raw},
         notes=notes,
         target=None if target is None else float(target),
+        objectives=objectives,
+        impute=impute,
+        liar=liar,
     )
-    if (
-        params.get("data.val_size")
-        and params["data.val_size"].values == (0,)
-        and sweep.metric.startswith("val/")
-    ):
+    held_out = [m for m, _ in objectives if m.startswith("val/")]
+    if params.get("data.val_size") and params["data.val_size"].values == (0,) and held_out:
         raise _err(
-            f"metric.name={sweep.metric}: data.val_size=0 holds out no validation "
+            f"metric.name={held_out[0]}: data.val_size=0 holds out no validation "
             "images; a sweep that trains on every image selects nothing, so use "
             "metric train/loss (as ablate export --final-sweep writes)"
         )

@@ -11,6 +11,7 @@ from ablations import settings
 from ablations.settings import SettingsError, check_key, suggest
 
 PARAM_KEYS = ("value", "values", "distribution", "min", "max", "q", "mu", "sigma", "probabilities")
+PARAM_KEYS += ("a", "b")  # beta's, refused below with the nearest distribution
 # W&B's distributions that map onto Optuna's: name -> (log scale, min/max given as exponents)
 RANGES = {
     "uniform": (False, False),
@@ -34,6 +35,10 @@ UNBOUNDED = {
     "beta": "uniform with min: 0 and max: 1",
     "q_beta": "q_uniform with min: 0, max: 1 and the same q",
 }
+WEIGHTED = (
+    "Optuna draws categorical values with equal probability; the nearest that works: the "
+    "same values without probabilities (distribution categorical)"
+)
 
 
 class SweepError(ValueError):
@@ -98,11 +103,15 @@ def param(key: str, spec: Any) -> Param:
             raise _err(f"{where}: {err}") from None
 
     dist = spec.get("distribution")
+    if dist == "categorical_w_probabilities":
+        raise _err(f"{where}.distribution=categorical_w_probabilities: {WEIGHTED}")
     if dist in UNBOUNDED:
         raise _err(
             f"{where}.distribution={dist} has no bounded range, which a sweep over a model "
             f"setting needs; the nearest that works: {UNBOUNDED[dist]}"
         )
+    if {"a", "b"} & set(spec):
+        raise _err(f"{where}: a and b are the shape of W&B's beta distribution, not of {dist}")
     if dist is not None and dist not in DISTRIBUTIONS:
         raise _err(
             f"{where}.distribution={dist!r} is not one of the valid values: "
@@ -127,10 +136,7 @@ def param(key: str, spec: Any) -> Param:
         if dist not in (None, "categorical"):
             raise _err(f"{where}: 'values' goes with distribution categorical, not {dist!r}")
         if "probabilities" in spec:
-            raise _err(
-                f"{where}.probabilities: Optuna draws categorical values with equal "
-                "probability; the nearest that works: the same values without probabilities"
-            )
+            raise _err(f"{where}.probabilities: {WEIGHTED}")
         coerced = tuple(checked(v) for v in values)
         if len(set(map(repr, coerced))) != len(coerced):
             raise _err(f"{where}.values has duplicates: {values}")

@@ -264,16 +264,20 @@ def _record(
     logger: Any,
     status: StatusFile,
 ) -> Outcome:
-    """The record into the trial, its W&B run finished, and the trial told to the study."""
-    value = record.get(sweep.metric)
-    if record.outcome == Outcome.COMPLETE and (value is None or not math.isfinite(value)):
-        record = record.failed(f"{sweep.metric} is not finite: {value}")
+    """The record into the trial, its W&B run finished, and the trial told to the study (one
+    value per objective)."""
+    values = [record.get(name) for name, _ in sweep.objectives]
+    for (name, _), value in zip(sweep.objectives, values):
+        if record.outcome == Outcome.COMPLETE and (value is None or not math.isfinite(value)):
+            record = record.failed(f"{name} is not finite: {value}")
+            break
     run_id = wandb_log.finish(logger, record.fields())
     record = record.with_wandb_run(run_id)
     store(trial, record)
-    report_curve(trial, sweep, record.history)
+    if not sweep.multi:  # Optuna's intermediate values are for one objective
+        report_curve(trial, sweep, record.history)
     if record.outcome == Outcome.COMPLETE:
-        study.tell(trial, value)
+        study.tell(trial, values if sweep.multi else values[0])
     elif record.outcome == Outcome.PRUNED:
         study.tell(trial, state=TrialState.PRUNED)
     else:  # diverged is a result, kept as FAIL with state=diverged and not retried

@@ -170,6 +170,9 @@ def log_table(
         run.log(payload)
         run_id = run.id
         run.finish()
+        # wait for W&B's service to write everything (its run file, the artifacts) before
+        # returning: the launcher exits right after, and a reader may open the files then
+        wandb.teardown()
         return run_id
     except Exception as err:
         log.warning("W&B %s run failed (the study is unaffected): %s", job_type, err)

@@ -7,6 +7,17 @@ os.environ.setdefault("ALLCONV_OFFLINE", "1")
 os.environ.setdefault("WANDB_MODE", "offline")
 os.environ.setdefault("WANDB_SILENT", "true")
 
+# Under pytest-xdist (`make test`: -n 2) each test process gets its share of the cores for
+# torch's threads, and so does every plain process a test starts (a sweep's workers get
+# theirs from the launcher). Left at torch's default, two processes each ran one thread per
+# core: README's one-run example, two seeds at once, took 220 s of fit each on 2 cores
+# instead of 40. Idle OpenMP threads sleep rather than spin, for the sweeps' workers that
+# still share a core with the other test process. Set before torch is imported; a value
+# already in the environment wins.
+if (_xdist := int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))) > 1:
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, len(os.sched_getaffinity(0)) // _xdist)))
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
 # tests/helpers.py asserts too: pytest rewrites its asserts as it does the test modules'
 pytest.register_assert_rewrite("tests.helpers")
 

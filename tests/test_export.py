@@ -315,6 +315,9 @@ def test_latex_markdown_and_figure(study, tmp_path):
         "effects.tex",
         "effects.png",
         "effects.pdf",
+        "pareto.md",
+        "pareto.png",
+        "pareto.pdf",
     }
     tex = (out / "summary.tex").read_text()
     for rule in (r"\toprule", r"\midrule", r"\bottomrule"):

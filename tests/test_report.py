@@ -53,8 +53,8 @@ def test_the_report_opens_offline_with_every_figure_drawn_and_no_error(study, tm
     seen = visit(tmp_path / "runs/paper/report.html")
     assert seen.errors == [] and seen.remote == []
     assert seen.requests == [(tmp_path / "runs/paper/report.html").as_uri()]
-    # summary, effects, one learning-curve figure per model, the factors
-    assert seen.figures == 5 and seen.drawn == 5
+    # summary, effects, error against MACs, one learning-curve figure per model, the factors
+    assert seen.figures == 6 and seen.drawn == 6
     shown, _ = display_table(export.build(study).summary, ["val/error", "test/error"])
     for cell in [*shown["Val. error (%)"], *shown["Test error (%)"]]:
         assert cell in seen.text, cell

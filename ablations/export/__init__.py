@@ -19,7 +19,8 @@ import optuna
 import pandas as pd
 
 from ablations import effects
-from ablations.export.figures import figure, forest
+from ablations.export import pareto
+from ablations.export.figures import figure, forest, pareto_figure
 from ablations.export.frame import ExportError, trials_frame
 from ablations.export.summary import summarize
 from ablations.export.tables import (
@@ -27,6 +28,7 @@ from ablations.export.tables import (
     display_table,
     effects_caption,
     effects_table,
+    label,
     to_latex,
     to_markdown,
     with_units,
@@ -117,6 +119,10 @@ def build(
             )
     summary, selection, notes = summarize(trials, sweep, metrics, select_by, over)
     metric = "test/error" if "test/error" in metrics else metrics[-1]
+    summary = pareto.mark(summary, metric)
+    if sweep.multi:  # the study's own front of its objectives, trial by trial
+        on = pareto.study_front(study)
+        trials["pareto"] = [n in on for n in trials["trial"]]
     factors = {
         k: list(sweep.params[k].values)
         for k in sweep.swept
@@ -161,9 +167,12 @@ def write(
         if "csv" in formats:
             for name, table in t.csv_tables().items():
                 table.to_csv(stage / f"{name}.csv", index=False, lineterminator="\n")
+        metric = "test/error" if "test/error" in t.metrics else t.metrics[-1]
         if "md" in formats:
             (stage / "summary.md").write_text(to_markdown(shown, best, [text, *t.notes]))
             (stage / "effects.md").write_text(to_markdown(eff))
+            front = pareto.table(summary, metric, _row_label(t))
+            (stage / "pareto.md").write_text(to_markdown(front, notes=[pareto_caption(t, metric)]))
         if "tex" in formats:
             (stage / "summary.tex").write_text(
                 to_latex(shown, text, f"tab:{study.study_name}-summary", best)
@@ -173,7 +182,7 @@ def write(
             )
         images = [f for f in ("png", "pdf") if f in formats]
         if images:
-            metric = "test/error" if "test/error" in t.metrics else t.metrics[-1]
+            pareto_figure(summary, metric, _row_label(t), [stage / f"pareto.{f}" for f in images])
             figure(
                 summary, t.trials, t.sweep, metric, t.over, [stage / f"summary.{f}" for f in images]
             )
@@ -185,6 +194,33 @@ def write(
     finally:
         shutil.rmtree(stage, ignore_errors=True)
     return written
+
+
+def _row_label(t: Tables):
+    """A summary row's name in the Pareto table and figure: the model and its swept settings."""
+    keys = [k for k in t.sweep.swept if k != "seed" and k in t.summary]
+    keys = [k for k in keys if k not in ("model.base", "model.variant", "model.pooling")]
+    keys = [k for k in keys if k != "model.strided_conv"]
+    if "precision" in t.summary:
+        keys.append("precision")
+
+    def name(row):
+        if isinstance(row, str):
+            return label(row)
+        extra = ", ".join(f"{label(k)}={row[k]}" for k in keys)
+        return f"{row['model.name']}" + (f" ({extra})" if extra else "")
+
+    return name
+
+
+def pareto_caption(t: Tables, metric: str) -> str:
+    return (
+        f"{t.study}: {label(metric)} (mean ± std over the completed seeds) against what each "
+        "row costs; a row is Pareto-optimal against a cost when no other row has a lower or "
+        "equal mean error and a lower or equal cost, one of them strictly lower. Params and "
+        "MACs are the model's; training time is the mean fit time of the seeds, on the "
+        "machines that ran them."
+    )
 
 
 def _remove_dead_stages(out: Path) -> None:

@@ -156,3 +156,34 @@ def forest(effects: pd.DataFrame, paths: list[Path]) -> None:
     for path in paths:
         fig.savefig(path, dpi=300)
     plt.close(fig)
+
+
+def pareto_figure(summary: pd.DataFrame, metric: str, name, paths: list[Path]) -> None:
+    """The metric's seed mean (± std) against MACs, each row named, the front drawn through
+    the Pareto-optimal rows: which ablation buys accuracy and what it costs."""
+    plt = pyplot()
+    fig, ax = plt.subplots(figsize=(WIDTH_IN, 2.4), layout="constrained")
+    rows = summary[summary[f"{metric} mean"].notna() & summary["macs"].notna()]
+    x = rows["macs"].astype(float).to_numpy()
+    y = rows[f"{metric} mean"].astype(float).to_numpy()
+    sd = rows[f"{metric} std"].astype(float).fillna(0).to_numpy()
+    on = rows["pareto macs"].to_numpy(dtype=bool) if "pareto macs" in rows else np.zeros(len(x))
+    ax.errorbar(x[~on], y[~on], yerr=sd[~on], fmt="o", ms=3, color="grey", mfc="white",
+                elinewidth=0.6, capsize=1.5, label="dominated")  # fmt: skip
+    ax.errorbar(x[on], y[on], yerr=sd[on], fmt="o", ms=3, color="black", elinewidth=0.6,
+                capsize=1.5, label="Pareto-optimal")  # fmt: skip
+    order = np.argsort(x[on])
+    ax.step(x[on][order], y[on][order], where="post", color="black", lw=0.7, ls="--")
+    for xi, yi, (_, r) in zip(x, y, rows.iterrows()):
+        ax.annotate(name(r), (xi, yi), xytext=(3, 3), textcoords="offset points", fontsize=4.5)
+    if len(x) and x.min() > 0 and x.max() / x.min() > 20:
+        ax.set_xscale("log")
+    ax.set_xlabel("MACs per image")
+    ax.set_ylabel(label(metric))
+    ax.grid(linewidth=0.3, alpha=0.6)
+    for side in ("top", "right"):
+        ax.spines[side].set_visible(False)
+    ax.legend(loc="best", frameon=False, handlelength=1)
+    for path in paths:
+        fig.savefig(path, dpi=300)
+    plt.close(fig)

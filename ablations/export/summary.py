@@ -48,6 +48,11 @@ def _cells(trials: pd.DataFrame, keys: list[str], metrics: list[str]) -> pd.Data
             row[f"{m} mean"] = vals.mean() if len(vals) else math.nan
             row[f"{m} std"] = vals.std(ddof=1) if len(vals) > 1 else math.nan
         row["params"] = first["params"]
+        row["macs"] = first.get("macs", math.nan)
+        # what training the cell cost, over the seeds that completed: a Pareto axis
+        fit = pd.to_numeric(done["fit_seconds"], errors="coerce").dropna()
+        row["fit_seconds mean"] = fit.mean() if len(fit) else math.nan
+        row["fit_seconds std"] = fit.std(ddof=1) if len(fit) > 1 else math.nan
         row["_first"] = first
         rows.append(row)
     return pd.DataFrame(rows)

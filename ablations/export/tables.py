@@ -74,6 +74,9 @@ def display_table(
         and (summary["selected_by"] == summary["selected_by"].iloc[0]).all()
         else _redundant(summary)
     )
+    # the costs and fronts have their own table (pareto.md); the paper's table stays as it was
+    hidden = [*hidden, "macs", "fit_seconds mean", "fit_seconds std"]
+    hidden += [c for c in summary.columns if c.startswith("pareto ")]
     out = summary.drop(columns=[c for c in hidden if c in summary])
     best = set()
     for m in metrics:

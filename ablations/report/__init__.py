@@ -125,6 +125,7 @@ def build(
     sections = [
         ("summary", "Summary", _summary(t, metric)),
         ("effects", "Paired effects", _effects(t)),
+        ("cost", "Error against cost", _cost(t, metric)),
     ]
     if t.selection is not None:
         sections.append(("selection", "Selection", _selection(t)))
@@ -218,6 +219,32 @@ def _effects(t: Tables) -> str:
         + page.table(effects_table(t.effects))
         + page.plot("fig-effects", charts.forest(t.effects), height, _png(forest, t.effects))
     )
+
+
+def _cost(t: Tables, metric: str) -> str:
+    from ablations.export import _row_label, pareto_caption
+    from ablations.export.pareto import table as pareto_table
+
+    name = _row_label(t)
+    parts = [
+        f'<p class="note">{page.esc(pareto_caption(t, metric))}</p>',
+        page.table(pareto_table(t.summary, metric, name)),
+    ]
+    spec = charts.pareto(t.summary, metric, name)
+    if spec is not None:
+        parts.append(page.plot("fig-pareto", spec, 420))
+    if t.sweep.multi:
+        objectives = ", ".join(f"{n} ({g})" for n, g in t.sweep.objectives)
+        on = t.trials[t.trials.get("pareto", False) == True]  # noqa: E712 (a column of bools)
+        parts.append(
+            page.paragraph(
+                f"This sweep optimised several objectives: {objectives}. Its own front, "
+                f"trial by trial ({len(on)} trials; the Pareto column of the trials table): "
+                + (", ".join(str(n) for n in on["trial"]) or "none yet")
+                + "."
+            )
+        )
+    return "".join(parts)
 
 
 def _selection(t: Tables) -> str:

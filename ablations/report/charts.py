@@ -378,3 +378,50 @@ def optimisation_history(trials: pd.DataFrame, sweep: Sweep) -> dict[str, Any] |
         ],
         "layout": layout(xaxis=axis("trial"), yaxis=axis(label(metric))),
     }  # fmt: skip
+
+
+def pareto(summary: pd.DataFrame, metric: str, name) -> dict[str, Any] | None:
+    """The metric's seed mean (± std) against MACs, each row named, the front drawn."""
+    rows = summary[summary[f"{metric} mean"].notna() & summary["macs"].notna()]
+    if rows.empty:
+        return None
+    on = rows["pareto macs"].astype(bool) if "pareto macs" in rows else pd.Series(False, rows.index)
+    data = []
+    middle = (float(rows["macs"].min()) + float(rows["macs"].max())) / 2
+    for flag, title, colour in ((False, "dominated", "#999"), (True, "Pareto-optimal", "#000")):
+        part = rows[on == flag]
+        if part.empty:
+            continue
+        data.append(
+            {
+                "type": "scatter", "mode": "markers+text", "name": title,
+                "x": [num(v) for v in part["macs"]], "y": [num(v) for v in part[f"{metric} mean"]],
+                "text": [name(r) for _, r in part.iterrows()],
+                "textposition": ["top left" if v > middle else "top right" for v in part["macs"]],
+                "textfont": {"size": 11},
+                "error_y": {"type": "data", "array": [num(v) or 0 for v in part[f"{metric} std"]],
+                            "color": colour, "thickness": 1},
+                "marker": {"size": 9, "color": colour if flag else "white",
+                           "line": {"color": colour, "width": 1.5}},
+                "hovertemplate": "%{text}<br>MACs %{x:,}<br>" + label(metric)
+                + " %{y:.2f}<extra></extra>",
+            }
+        )  # fmt: skip
+    best = rows[on].sort_values("macs")
+    if len(best) > 1:
+        data.append(
+            {
+                "type": "scatter", "mode": "lines", "name": "front", "hoverinfo": "skip",
+                "x": [num(v) for v in best["macs"]], "y": [num(v) for v in best[f"{metric} mean"]],
+                "line": {"shape": "hv", "dash": "dash", "color": "#000", "width": 1},
+            }
+        )  # fmt: skip
+    macs = rows["macs"].astype(float)
+    log = bool(macs.min() > 0 and macs.max() / macs.min() > 20)
+    return {
+        "data": data,
+        "layout": layout(
+            xaxis=axis("MACs per image", type="log" if log else "linear"),
+            yaxis=axis(label(metric)),
+        ),
+    }
