@@ -19,7 +19,7 @@ from ablations.cli import main
 from ablations.export import pareto
 from ablations.impute import ImputingSampler, _ImputedStudy
 from ablations.study import sampler_for
-from tests.helpers import load, run_worker
+from tests.helpers import dashboard_detail, load, run_worker
 
 # W&B's schema, as its JSON schema lists them: every top-level key, every key of `metric`,
 # every parameter distribution. Each must have a case below.
@@ -323,9 +323,11 @@ def test_a_multi_objective_random_sweep_runs_and_its_export_shows_the_front(in_t
     assert len(trials) == 3 and all(t.state == TrialState.COMPLETE for t in trials)
     for t in trials:
         assert t.values == [t.user_attrs["val/error"], t.user_attrs["macs"]]
-    # status names both objectives
+    # status and optuna-dashboard name both objectives
     assert main(["status", sweep.name]) == 0
     assert "objectives: val/error (minimize), macs (minimize)" in capsys.readouterr().out
+    detail = dashboard_detail([sweep.name], in_tmp)
+    assert detail["objective_names"] == ["val/error", "macs"] and len(detail["directions"]) == 2
     assert main(["export", sweep.name]) == 0
     out = Path(f"runs/{sweep.name}/export")
     rows = pd.read_csv(out / "trials.csv")
