@@ -4,6 +4,7 @@ export's; its curves are each seed's and their mean; bad input writes nothing.""
 
 import io
 import json
+import os
 import re
 import statistics
 from pathlib import Path
@@ -295,6 +296,10 @@ def test_out_names_the_file_or_a_folder_for_it(study, tmp_path, capsys):
     assert main(["report", "paper", "--out", "folder"]) == 0
     assert (tmp_path / "folder/report.html").exists()
     assert not list(tmp_path.glob("**/.*.tmp"))  # written whole, no temporary left
+    umask = os.umask(0)
+    os.umask(umask)
+    mode = (tmp_path / "folder/report.html").stat().st_mode & 0o777
+    assert mode == 0o666 & ~umask  # as any file a user writes: others may read it
     assert "MB): open it in any browser" in capsys.readouterr().out
 
 

@@ -14,7 +14,6 @@ from __future__ import annotations
 import base64
 import datetime as dt
 import json
-import os
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -37,6 +36,7 @@ from ablations.export.tables import (
     label,
     with_units,
 )
+from ablations.files import atomic_write
 from ablations.record import DONE, Outcome, TrialRecord
 from ablations.report import charts, page
 from ablations.study import DEFINITION_ATTR
@@ -141,14 +141,7 @@ def build(
 def write(out: Path, text: str) -> Path:
     """The page at `out`, swapped in whole (a reader never sees half a file)."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    atomic_write(out, text)
     return out
 
 
