@@ -53,6 +53,29 @@ def git_commit() -> str | None:
     return out.stdout.strip() + ("-dirty" if dirty.stdout.strip() else "")
 
 
+def head_commit() -> str | None:
+    """The checkout's commit read from `.git` itself (no process started: the launcher's
+    record; the trials' records say `-dirty` when the tree had changes)."""
+    for folder in Path(__file__).resolve().parents:
+        git = folder / ".git"
+        if not git.is_dir():
+            continue
+        try:
+            head = (git / "HEAD").read_text().strip()
+            if not head.startswith("ref: "):
+                return head
+            ref = head[5:]
+            if (git / ref).is_file():
+                return (git / ref).read_text().strip()
+            for line in (git / "packed-refs").read_text().splitlines():
+                if line.endswith(f" {ref}"):
+                    return line.split()[0]
+        except OSError:
+            return None
+        return None
+    return None
+
+
 def versions() -> dict[str, str | None]:
     """Python's and each of PACKAGES' installed version (None when not installed), read from
     the installed metadata: nothing is imported."""
@@ -78,7 +101,7 @@ def record_launch(study: optuna.Study, sweep_text: str, started: float) -> str:
             "host": host,
             "platform": platform.platform(),
             "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
-            "git_commit": git_commit(),
+            "git_commit": head_commit(),
             "versions": versions(),
             "sweep_file": sweep_text,
         },
@@ -87,11 +110,15 @@ def record_launch(study: optuna.Study, sweep_text: str, started: float) -> str:
 
 
 def end_launch(study: optuna.Study, key: str, exit_code: int) -> None:
-    """The launch's end time and exit status, added to its record."""
-    entry = dict(study.user_attrs.get(key) or {})
-    entry["ended"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
-    entry["exit_code"] = int(exit_code)
-    study.set_user_attr(key, entry)
+    """The launch's end time and exit status, added to its record; nothing when the storage
+    is gone or failing (the sweep has said why already, and its exit status stands)."""
+    try:
+        entry = dict(study.user_attrs.get(key) or {})
+        entry["ended"] = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        entry["exit_code"] = int(exit_code)
+        study.set_user_attr(key, entry)
+    except Exception:  # noqa: BLE001 (a record of the run, never a reason for it to fail)
+        pass
 
 
 def launches(study: optuna.Study) -> list[dict[str, Any]]:
