@@ -99,7 +99,7 @@ def record_launch(study: optuna.Study, sweep_text: str, started: float) -> str:
             "argv": [describe_url(a) for a in ["ablate", *sys.argv[1:]]],
             "cwd": str(Path.cwd()),
             "host": host,
-            "platform": platform.platform(),
+            "platform": " ".join(os.uname()[i] for i in (0, 2, 4)),  # no process started
             "started": dt.datetime.fromtimestamp(started, dt.UTC).isoformat(timespec="seconds"),
             "git_commit": head_commit(),
             "versions": versions(),
