@@ -65,6 +65,17 @@ class _Pipe:
                 return reply.get("result", {})
             self.events.append(reply)
 
+    def evaluate(self, expression: str, session: str) -> Any:
+        """A JS expression's value in the page (a promise awaited); its exception raised."""
+        got = self.send(
+            "Runtime.evaluate",
+            {"expression": expression, "awaitPromise": True, "returnByValue": True},
+            session,
+        )
+        if "exceptionDetails" in got:
+            raise RuntimeError(f"the page's script failed: {got['exceptionDetails']}")
+        return got["result"].get("value")
+
     def wait_for(self, method: str, timeout: float) -> None:
         end = time.monotonic() + timeout
         while not any(e.get("method") == method for e in self.events):
@@ -168,24 +179,8 @@ def visit(
         cdp.events.clear()
         cdp.send("Page.navigate", {"url": page.resolve().as_uri()}, session=s)
         cdp.wait_for("Page.loadEventFired", timeout)
-        got = cdp.send(
-            "Runtime.evaluate",
-            {"expression": DRAW_ALL, "awaitPromise": True, "returnByValue": True},
-            session=s,
-        )
-        if "exceptionDetails" in got:
-            raise RuntimeError(f"the page's check failed: {got['exceptionDetails']}")
-        value = got["result"]["value"]
-        result = None
-        if script is not None:
-            ran = cdp.send(
-                "Runtime.evaluate",
-                {"expression": script, "awaitPromise": True, "returnByValue": True},
-                session=s,
-            )
-            if "exceptionDetails" in ran:
-                raise RuntimeError(f"the script failed: {ran['exceptionDetails']}")
-            result = ran["result"].get("value")
+        value = cdp.evaluate(DRAW_ALL, s)
+        result = None if script is None else cdp.evaluate(script, s)
         where = (
             f"document.getElementById({json.dumps(anchor)}).scrollIntoView()"
             if anchor

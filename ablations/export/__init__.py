@@ -24,6 +24,7 @@ from ablations.export.figures import figure, forest, pareto_figure
 from ablations.export.frame import ExportError, trials_frame
 from ablations.export.summary import summarize
 from ablations.export.tables import (
+    beside_name,
     caption,
     display_table,
     effects_caption,
@@ -171,7 +172,7 @@ def write(
         if "md" in formats:
             (stage / "summary.md").write_text(to_markdown(shown, best, [text, *t.notes]))
             (stage / "effects.md").write_text(to_markdown(eff))
-            front = pareto.table(summary, metric, _row_label(t))
+            front = pareto.table(summary, metric, row_label(t))
             (stage / "pareto.md").write_text(to_markdown(front, notes=[pareto_caption(t, metric)]))
         if "tex" in formats:
             (stage / "summary.tex").write_text(
@@ -182,7 +183,7 @@ def write(
             )
         images = [f for f in ("png", "pdf") if f in formats]
         if images:
-            pareto_figure(summary, metric, _row_label(t), [stage / f"pareto.{f}" for f in images])
+            pareto_figure(summary, metric, row_label(t), [stage / f"pareto.{f}" for f in images])
             figure(
                 summary, t.trials, t.sweep, metric, t.over, [stage / f"summary.{f}" for f in images]
             )
@@ -196,11 +197,9 @@ def write(
     return written
 
 
-def _row_label(t: Tables):
+def row_label(t: Tables):
     """A summary row's name in the Pareto table and figure: the model and its swept settings."""
-    keys = [k for k in t.sweep.swept if k != "seed" and k in t.summary]
-    keys = [k for k in keys if k not in ("model.base", "model.variant", "model.pooling")]
-    keys = [k for k in keys if k != "model.strided_conv"]
+    keys = beside_name([k for k in t.sweep.swept if k != "seed" and k in t.summary])
     if "precision" in t.summary:
         keys.append("precision")
 

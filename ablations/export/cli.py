@@ -64,19 +64,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def register_cli(sub: argparse._SubParsersAction) -> None:
-    p = sub.add_parser(
-        "export",
-        help="trials.csv, summary tables (CSV, Markdown, LaTeX), figure",
-        description="Read the study (never W&B) and write the ablation exports "
-        "under runs/<study>/export/ (or --out), atomically.",
-    )
-    p.add_argument("study", nargs="?", help="study name (optional if there is only one)")
-    process.storage_flag(p)
-    p.add_argument("--out", help="output folder (default runs/<study>/export)")
-    p.add_argument(
-        "--format", default=",".join(FORMATS), help=f"comma-separated, from {','.join(FORMATS)}"
-    )
+def summary_flags(p: argparse.ArgumentParser) -> None:
+    """--metrics, --select-by, --over: what the summary holds (export and report alike)."""
     p.add_argument(
         "--metrics",
         default=None,
@@ -96,6 +85,22 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
         metavar="KEY",
         help="swept keys to choose by --select-by (e.g. train.lr)",
     )
+
+
+def register_cli(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "export",
+        help="trials.csv, summary tables (CSV, Markdown, LaTeX), figure",
+        description="Read the study (never W&B) and write the ablation exports "
+        "under runs/<study>/export/ (or --out), atomically.",
+    )
+    p.add_argument("study", nargs="?", help="study name (optional if there is only one)")
+    process.storage_flag(p)
+    p.add_argument("--out", help="output folder (default runs/<study>/export)")
+    p.add_argument(
+        "--format", default=",".join(FORMATS), help=f"comma-separated, from {','.join(FORMATS)}"
+    )
+    summary_flags(p)
     p.add_argument(
         "--final-sweep",
         metavar="FILE",

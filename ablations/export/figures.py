@@ -11,7 +11,7 @@ import pandas as pd
 
 from ablations.effects import t_interval
 from ablations.export.summary import cell_keys
-from ablations.export.tables import UNITS, label
+from ablations.export.tables import UNITS, beside_name, label
 from ablations.sweep_file import Sweep
 
 WIDTH_IN = 3.3  # one column of a two-column paper
@@ -49,11 +49,7 @@ def figure(
     their variants side by side, the paper's number as a cross where it is comparable."""
     plt = pyplot()
     keys = [k for k in cell_keys(sweep, []) if k in summary]
-    label_keys = [
-        k
-        for k in keys
-        if k not in ("model.base", "model.variant", "model.pooling", "model.strided_conv")
-    ]
+    label_keys = beside_name(keys)
     bases = list(pd.unique(summary["model.base"]))
     fig, ax = plt.subplots(figsize=(WIDTH_IN, 2.3), layout="constrained")
     colours = plt.rcParams["axes.prop_cycle"].by_key()["color"]

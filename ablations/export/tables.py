@@ -41,6 +41,15 @@ LABELS = {
 LOWER_IS_BETTER = ("val/error", "test/error", "test/error_dropout", "val/loss", "train/loss")
 
 
+# the slot settings a Table 3 model's name says already (`All-CNN-C` is base C, all-cnn)
+SLOTS = ("model.base", "model.variant", "model.pooling", "model.strided_conv")
+
+
+def beside_name(keys: list[str]) -> list[str]:
+    """The cell keys a row's label adds to its model name."""
+    return [k for k in keys if k not in SLOTS]
+
+
 def label(key: str) -> str:
     """A column header a reader understands: `model.strided_conv` -> `Strided conv`."""
     if key in LABELS:
@@ -58,7 +67,7 @@ def _redundant(summary: pd.DataFrame) -> list[str]:
     """Slot columns that the paper names already say (`All-CNN-C` is base C, all-cnn)."""
     paper = set(paper_table()["name"])
     if len(summary) and summary["model.name"].isin(paper).all():
-        return ["model.base", "model.variant", "model.pooling", "model.strided_conv"]
+        return list(SLOTS)
     return []
 
 

@@ -29,6 +29,7 @@ from ablations.export import build as build_tables
 from ablations.export.frame import ExportError
 from ablations.export.summary import cell_keys
 from ablations.export.tables import (
+    beside_name,
     caption,
     display_table,
     effects_caption,
@@ -215,10 +216,10 @@ def _effects(t: Tables) -> str:
 
 
 def _cost(t: Tables, metric: str) -> str:
-    from ablations.export import _row_label, pareto_caption
+    from ablations.export import pareto_caption, row_label
     from ablations.export.pareto import table as pareto_table
 
-    name = _row_label(t)
+    name = row_label(t)
     parts = [
         f'<p class="note">{page.esc(pareto_caption(t, metric))}</p>',
         page.table(pareto_table(t.summary, metric, name)),
@@ -228,7 +229,7 @@ def _cost(t: Tables, metric: str) -> str:
         parts.append(page.plot("fig-pareto", spec, 420))
     if t.sweep.multi:
         objectives = ", ".join(f"{n} ({g})" for n, g in t.sweep.objectives)
-        on = t.trials[t.trials.get("pareto", False) == True]  # noqa: E712 (a column of bools)
+        on = t.trials[t.trials["pareto"]]  # export.build adds it to multi-objective studies
         parts.append(
             page.paragraph(
                 f"This sweep optimised several objectives: {objectives}. Its own front, "
@@ -270,8 +271,7 @@ def _curves(t: Tables, curves: dict[int, tuple[list[dict[str, Any]], str]]) -> s
         )
     ]
     keys = [k for k in cell_keys(t.sweep, []) if k in rows]
-    label_keys = [k for k in keys if k not in ("model.base", "model.variant")]
-    label_keys = [k for k in label_keys if k not in ("model.pooling", "model.strided_conv")]
+    label_keys = beside_name(keys)
     hist = {n: curves[n][0] for n in have}
     for i, model in enumerate(pd.unique(rows["model.name"])):
         part = rows[rows["model.name"] == model]

@@ -11,7 +11,7 @@ import numpy as np
 import pandas as pd
 
 from ablations.effects import t_interval
-from ablations.export.tables import UNITS, label
+from ablations.export.tables import UNITS, beside_name, label
 from ablations.sweep_file import Sweep
 
 COLOURS = (
@@ -63,9 +63,7 @@ def matching(trials: pd.DataFrame, row: pd.Series, keys: list[str]) -> pd.Series
 
 
 def cell_label(row: pd.Series, keys: list[str]) -> str:
-    shown = [k for k in keys if k not in ("model.base", "model.variant")]
-    shown = [k for k in shown if k not in ("model.pooling", "model.strided_conv")]
-    extra = ", ".join(f"{label(k)}={row[k]}" for k in shown if k in row)
+    extra = ", ".join(f"{label(k)}={row[k]}" for k in beside_name(keys) if k in row)
     return f"{row['model.name']}" + (f" ({extra})" if extra else "")
 
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from ablations import process
-from ablations.export.cli import find_study
+from ablations.export.cli import find_study, summary_flags
 from ablations.export.frame import ExportError
 
 NAME = "report.html"
@@ -51,15 +51,6 @@ def register_cli(sub: argparse._SubParsersAction) -> None:
     p.add_argument("study", nargs="?", help="study name (optional if there is only one)")
     process.storage_flag(p)
     p.add_argument("--out", help=f"the file to write (default runs/<study>/{NAME})")
-    p.add_argument(
-        "--metrics",
-        default=None,
-        help="comma-separated metrics to summarise, as ablate export (default "
-        "val/error,test/error)",
-    )
-    p.add_argument(
-        "--select-by", default=None, metavar="METRIC", help="as ablate export --select-by"
-    )
-    p.add_argument("--over", nargs="+", default=[], metavar="KEY", help="as ablate export --over")
+    summary_flags(p)
     p.add_argument("--runs-dir", default="runs", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_report)
